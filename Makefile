@@ -1,0 +1,27 @@
+# Two commands set everything up on a fresh machine:
+#   make quickstart   - install, then run the offline main job
+#   make test         - install, then run the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install quickstart test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -e ".[dev]"
+
+quickstart: install
+	$(BIN)/python -m tl_lightning fit --config configs/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,3 @@
+"""tl_lightning: transfer learning recipes on PyTorch Lightning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""Run results: the best checkpoint, learning curves, a results table and ``metrics.json``.
+
+Everything is written into the run directory (``trainer.default_root_dir``) by global rank 0 only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+METRICS_FILE = "metrics.json"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that monitors the method's own metric and writes to ``<run dir>/checkpoints``."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("save_last", True)
+        kwargs.setdefault("filename", "best-{epoch:02d}")
+        kwargs.setdefault("auto_insert_metric_name", False)
+        super().__init__(**kwargs)
+        self._own_monitor = kwargs.get("monitor") is None
+
+    def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        if self._own_monitor and hasattr(pl_module, "monitor"):
+            self.monitor, self.mode = pl_module.monitor
+            self.kth_value, self.kth_best_model_path = (torch.tensor(-math.inf if self.mode == "max" else math.inf), "")
+            self.best_model_score = None
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+
+class ResultsWriter(L.Callback):
+    """Records per-epoch metrics and, at the end of a command, prints a table and writes ``metrics.json``."""
+
+    def __init__(self, plot: bool = True):
+        self.plot = plot
+        self.history: list[dict] = []
+        self.started = time.perf_counter()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.history = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {"epoch": trainer.current_epoch}
+        row.update({k: _plain(v) for k, v in trainer.callback_metrics.items() if _plain(v).__class__ in (int, float)})
+        self.history.append(row)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    def write(self, trainer: "L.Trainer", command: str, metrics: dict, config_path: Optional[str],
+              wall_time_s: float, extra: Optional[dict] = None) -> Optional[str]:
+        """Write ``metrics.json`` (atomically) and the learning-curve plot; print the results table."""
+        if not trainer.is_global_zero:
+            return None
+        run_dir = trainer.default_root_dir
+        os.makedirs(run_dir, exist_ok=True)
+        ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        payload = {
+            "command": command,
+            "metrics": {k: _plain(v) for k, v in sorted(metrics.items())},
+            "best_checkpoint": (ckpt.best_model_path or None) if ckpt else None,
+            "best_score": _plain(ckpt.best_model_score) if ckpt and ckpt.best_model_score is not None else None,
+            "config": config_path,
+            "wall_time_s": round(wall_time_s, 3),
+            "epochs": trainer.current_epoch,
+            "history": self.history,
+        }
+        payload.update(extra or {})
+        path = os.path.join(run_dir, METRICS_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, default=_plain)
+        os.replace(tmp, path)
+        if self.plot and self.history:
+            plot_learning_curves(self.history, os.path.join(run_dir, "learning_curves.png"))
+        print_results_table(payload, path)
+        return path
+
+
+def print_results_table(payload: dict, path: str) -> None:
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in payload["metrics"].items()
+            if isinstance(v, (int, float))]
+    rows += [("wall time (s)", f"{payload['wall_time_s']:.1f}")]
+    if payload.get("best_checkpoint"):
+        rows.append(("best checkpoint", payload["best_checkpoint"]))
+    rows.append(("metrics.json", path))
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    print(f"\nResults ({payload['command']})\n{line}")
+    for k, v in rows:
+        print(f"{k.ljust(width)} | {v}")
+    print(line, flush=True)
+
+
+def plot_learning_curves(history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for row in history for k in row if k != "epoch" and not k.startswith("lr")})
+    losses = [k for k in keys if k.endswith("loss")]
+    scores = [k for k in keys if not k.endswith("loss")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, group, title in ((axes[0], losses, "loss"), (axes[1], scores, "metric")):
+        for k in group:
+            pts = [(r["epoch"], r[k]) for r in history if k in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        if group:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

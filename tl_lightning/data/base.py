@@ -1,0 +1,367 @@
+"""Shared DataModule behaviour: splits, low-data subsets, backbone-derived transforms, loaders, errors.
+
+A dataset file subclasses :class:`TLDataModule` and implements two things:
+
+* ``classes`` - the class names (read from the metadata present, so subsets work);
+* ``build_split(split)`` - a :class:`Source` for ``train``/``val``/``test``, or ``None`` when the data set has
+  no official split of that name (validation and test are then carved out of train, stratified, with ``seed``).
+
+Every split is served as a :class:`SampleSet`: a view (indices + transform) of a source, with ``targets``.
+Multi-class targets are class indices; multi-label targets are float vectors in {0, 1}, with -1 marking a
+label to ignore in the loss and the metric (e.g. VOC's "difficult" objects).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from tl_lightning.backbones import DEFAULT_BACKBONE, data_config
+from tl_lightning.errors import TLError
+
+SPLITS = ("train", "val", "test")
+
+
+def default_cache_dir() -> str:
+    """Where unpacked data and feature caches go (``$TL_LIGHTNING_CACHE`` or ``~/.cache/tl_lightning``)."""
+    return os.environ.get("TL_LIGHTNING_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tl_lightning")
+
+
+def default_num_workers() -> int:
+    """Half the visible cores, at most 8: leaves cores for the model's own threads."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores // 2))
+
+
+def open_image(path: str) -> Image.Image:
+    """Decode an image file as RGB, naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:
+        raise TLError(f"cannot decode image '{path}' ({e.__class__.__name__}: {e}); replace or remove the file.") from e
+
+
+class Source:
+    """Raw samples of one split: ``load(i)`` returns a PIL image, ``targets`` holds the labels."""
+
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def identity(self) -> str:
+        """A string that changes whenever the samples change (used in cache keys)."""
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """A human-readable reference to a sample (a path where there is one)."""
+        return f"#{index}"
+
+
+class FileSource(Source):
+    """Samples stored as image files."""
+
+    def __init__(self, paths: Sequence[str], targets, crop_boxes: Optional[Sequence] = None):
+        self.paths = list(paths)
+        self.targets = np.asarray(targets)
+        self.crop_boxes = crop_boxes
+
+    def load(self, index: int) -> Image.Image:
+        img = open_image(self.paths[index])
+        if self.crop_boxes is not None:
+            x, y, w, h = self.crop_boxes[index]
+            img = img.crop((int(x), int(y), int(x + w), int(y + h)))
+        return img
+
+    def identity(self) -> str:
+        h = hashlib.sha1()
+        for p in self.paths:
+            h.update(p.encode())
+        h.update(self.targets.tobytes())
+        h.update(str(self.crop_boxes is not None).encode())
+        return h.hexdigest()
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+
+class ArraySource(Source):
+    """Samples held in memory as a uint8 array, (N, H, W) grayscale or (N, H, W, 3) RGB."""
+
+    def __init__(self, images: np.ndarray, targets, name: str):
+        self.images = images
+        self.targets = np.asarray(targets)
+        self.name = name
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index]).convert("RGB")
+
+    def identity(self) -> str:
+        h = hashlib.sha1(self.name.encode())
+        h.update(str(self.images.shape).encode())
+        h.update(np.ascontiguousarray(self.images[:: max(1, len(self.images) // 64)]).tobytes())
+        h.update(self.targets.tobytes())
+        return h.hexdigest()
+
+
+class SampleSet(Dataset):
+    """A view of a :class:`Source`: which samples (``indices``) and how they are transformed."""
+
+    def __init__(self, source: Source, indices: Optional[np.ndarray] = None, transform: Optional[Callable] = None):
+        self.source = source
+        self.indices = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.source.targets[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img = self.source.load(int(self.indices[i]))
+        x = self.transform(img) if self.transform is not None else img
+        y = self.source.targets[self.indices[i]]
+        y = torch.as_tensor(y, dtype=torch.float32 if np.ndim(y) else torch.long)
+        return x, y
+
+    def subset(self, positions) -> "SampleSet":
+        return SampleSet(self.source, self.indices[np.asarray(positions, dtype=np.int64)], self.transform)
+
+    def with_transform(self, transform: Optional[Callable]) -> "SampleSet":
+        return SampleSet(self.source, self.indices, transform)
+
+    def describe(self, i: int) -> str:
+        return self.source.describe(int(self.indices[i]))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha1(self.source.identity().encode())
+        h.update(self.indices.tobytes())
+        h.update(repr(self.transform).encode())
+        return h.hexdigest()
+
+
+def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (keep, carved): ``fraction`` of each class carved out (at least one where a class has two+)."""
+    rng = np.random.default_rng(seed)
+    if targets.ndim > 1:  # multi-label: plain random split
+        perm = rng.permutation(len(targets))
+        n = int(round(fraction * len(targets)))
+        return np.sort(perm[n:]), np.sort(perm[:n])
+    keep, carved = [], []
+    for c in np.unique(targets):
+        pos = rng.permutation(np.flatnonzero(targets == c))
+        n = int(round(fraction * len(pos)))
+        if fraction > 0 and n == 0 and len(pos) > 1:
+            n = 1
+        carved.append(pos[:n])
+        keep.append(pos[n:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(carved))
+
+
+def per_class_subset(targets: np.ndarray, samples_per_class: int, seed: int) -> np.ndarray:
+    """Positions of at most ``samples_per_class`` samples of each class, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    if targets.ndim > 1:
+        chosen = set()
+        for c in range(targets.shape[1]):
+            pos = rng.permutation(np.flatnonzero(targets[:, c] == 1))
+            chosen.update(pos[:samples_per_class].tolist())
+        return np.array(sorted(chosen), dtype=np.int64)
+    out = [rng.permutation(np.flatnonzero(targets == c))[:samples_per_class] for c in np.unique(targets)]
+    return np.sort(np.concatenate(out))
+
+
+class TLDataModule(L.LightningDataModule):
+    """Base DataModule of tl_lightning (see module docstring for the contract)."""
+
+    multilabel: bool = False
+    #: data-set specific augmentation: horizontal flips make sense for photos, not for digits
+    hflip: float = 0.5
+    #: RandomResizedCrop scale range used when ``augment`` is on
+    augment_scale: tuple[float, float] = (0.08, 1.0)
+    #: eval-time crop fraction; None keeps the backbone's own
+    crop_pct: Optional[float] = None
+
+    def __init__(
+        self,
+        data_dir: Optional[str] = None,
+        batch_size: int = 64,
+        num_workers: Optional[int] = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        samples_per_class: Optional[int] = None,
+        train_fraction: Optional[float] = None,
+        augment: bool = False,
+        backbone: str = DEFAULT_BACKBONE,
+        image_size: Optional[int] = None,
+        persistent_workers: bool = True,
+        pin_memory: bool = True,
+        cache_dir: Optional[str] = None,
+    ):
+        """
+        Args:
+            data_dir: folder that holds the data set in its official layout.
+            batch_size: samples per batch.
+            num_workers: loader processes; default half the cores (at most 8).
+            val_fraction: share of train carved out for validation where there is no official val split.
+            test_fraction: share of train carved out for test where there is no official test split.
+            seed: seed of every carve-out and low-data subset.
+            samples_per_class: keep at most this many training samples per class (low-data setting).
+            train_fraction: keep this fraction of the training set (stratified).
+            augment: random-resized-crop (and flip where it makes sense) on the training split.
+            backbone: timm model whose data config sets input size and normalisation (linked from the model).
+            image_size: override the backbone's input size (pixels, square).
+            persistent_workers: keep loader workers alive between epochs.
+            pin_memory: pin host memory when training on an accelerator.
+            cache_dir: where unpacked data goes; default ``$TL_LIGHTNING_CACHE`` or ``~/.cache/tl_lightning``.
+        """
+        super().__init__()
+        if val_fraction < 0 or val_fraction >= 1 or test_fraction < 0 or test_fraction >= 1:
+            raise TLError("val_fraction and test_fraction must be in [0, 1); fix --data.val_fraction/test_fraction.")
+        if train_fraction is not None and not 0 < train_fraction <= 1:
+            raise TLError("train_fraction must be in (0, 1]; fix --data.train_fraction.")
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.samples_per_class = samples_per_class
+        self.train_fraction = train_fraction
+        self.augment = augment
+        self.backbone = backbone
+        self.image_size = image_size
+        self.persistent_workers = persistent_workers
+        self.pin_memory = pin_memory
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.splits: dict[str, SampleSet] = {}
+        #: set by a method that serves precomputed features: (split, SampleSet, shuffle) -> DataLoader | None
+        self.loader_hook: Optional[Callable[[str, SampleSet, bool], Optional[DataLoader]]] = None
+
+    # ----- what a data set file implements -------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        raise NotImplementedError
+
+    def build_split(self, split: str) -> Optional[Source]:
+        raise NotImplementedError
+
+    # ----- task facts, linked into the model by the CLI -------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    # ----- transforms --------------------------------------------------------------------------------------
+    def data_config(self) -> dict:
+        cfg = data_config(self.backbone, self.image_size)
+        if self.crop_pct is not None:
+            cfg["crop_pct"] = self.crop_pct
+        return cfg
+
+    def eval_transform(self):
+        from timm.data import create_transform
+
+        return create_transform(**self.data_config(), is_training=False)
+
+    def train_transform(self):
+        if not self.augment:
+            return self.eval_transform()
+        from timm.data import create_transform
+
+        cfg = self.data_config()
+        return create_transform(
+            input_size=cfg["input_size"], is_training=True, interpolation=cfg["interpolation"],
+            mean=cfg["mean"], std=cfg["std"], hflip=self.hflip, scale=self.augment_scale,
+        )
+
+    # ----- splits ------------------------------------------------------------------------------------------
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:
+            return
+        eval_t = self.eval_transform()
+        train_src = self.build_split("train")
+        val_src = self.build_split("val")
+        test_src = self.build_split("test")
+        train = SampleSet(train_src, transform=eval_t)
+        if test_src is None:
+            keep, carved = stratified_split(train.targets, self.test_fraction, self.seed + 1)
+            test, train = train.subset(carved), train.subset(keep)
+        else:
+            test = SampleSet(test_src, transform=eval_t)
+        if val_src is None:
+            keep, carved = stratified_split(train.targets, self.val_fraction, self.seed)
+            val, train = train.subset(carved), train.subset(keep)
+        else:
+            val = SampleSet(val_src, transform=eval_t)
+        if self.samples_per_class:
+            train = train.subset(per_class_subset(train.targets, self.samples_per_class, self.seed))
+        if self.train_fraction and self.train_fraction < 1:
+            keep, _ = stratified_split(train.targets, 1 - self.train_fraction, self.seed + 2)
+            train = train.subset(keep)
+        self.splits = {"train": train.with_transform(self.train_transform()), "val": val, "test": test}
+
+    def split_dataset(self, split: str, deterministic: bool = False) -> SampleSet:
+        """The :class:`SampleSet` of ``split``; ``deterministic`` swaps training augmentation for eval transforms."""
+        if not self.splits:
+            self.setup()
+        if split == "predict":
+            split = "test"
+        ds = self.splits[split]
+        return ds.with_transform(self.eval_transform()) if deterministic else ds
+
+    @property
+    def deterministic_train(self) -> bool:
+        """True when the training split's inputs are the same every epoch (features can be cached)."""
+        return not self.augment
+
+    # ----- loaders -----------------------------------------------------------------------------------------
+    def make_loader(self, dataset: Dataset, shuffle: bool, batch_size: Optional[int] = None) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, num_workers=workers,
+            persistent_workers=self.persistent_workers and workers > 0,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.split_dataset(split)
+        if self.loader_hook is not None:
+            loader = self.loader_hook(split, ds, shuffle)
+            if loader is not None:
+                return loader
+        return self.make_loader(ds, shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)
+
+    def fingerprint(self, split: str) -> str:
+        return f"{self.__class__.__name__}:{split}:{self.split_dataset(split, deterministic=True).fingerprint()}"

@@ -1,0 +1,17 @@
+"""User-facing errors: one clear sentence that names the problem and the fix."""
+
+
+class TLError(Exception):
+    """An error caused by the user's input (config, data, paths), printed without a traceback."""
+
+
+class DatasetNotFoundError(TLError):
+    """A data set is missing or incomplete on disk."""
+
+
+def missing_dataset(name: str, root, expected: str, source: str) -> DatasetNotFoundError:
+    """Build the standard missing-data message from a dataset's on-disk contract."""
+    return DatasetNotFoundError(
+        f"{name} not found under '{root}': expected {expected}; get it from {source} "
+        f"and point --data.data_dir at the folder that holds it."
+    )

@@ -1,0 +1,128 @@
+"""Shared behaviour of every method: task loss, metrics per stage, optimizer param groups, prediction.
+
+Multi-class tasks log ``<stage>/acc``; multi-label tasks (targets in {0,1}, -1 = ignore) log ``<stage>/mAP``.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
+
+STAGES = ("train", "val", "test")
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Cross-entropy, or for multi-label binary cross-entropy over the labels that are not ignored (-1)."""
+    if not multilabel:
+        return F.cross_entropy(logits, targets)
+    mask = (targets >= 0).float()
+    loss = F.binary_cross_entropy_with_logits(logits, targets.clamp(min=0), weight=mask, reduction="sum")
+    return loss / mask.sum().clamp(min=1)
+
+
+def build_metrics(num_classes: int, multilabel: bool) -> MetricCollection:
+    if multilabel:
+        return MetricCollection({"mAP": MultilabelAveragePrecision(num_labels=num_classes, average="macro",
+                                                                   ignore_index=-1)})
+    return MetricCollection({"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")})
+
+
+def make_head(in_features: int, num_classes: int, hidden_dim: int = 0, dropout: float = 0.0) -> nn.Module:
+    """A linear head, or a one-hidden-layer MLP when ``hidden_dim > 0``."""
+    if hidden_dim and hidden_dim > 0:
+        return nn.Sequential(nn.Linear(in_features, hidden_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                             nn.Linear(hidden_dim, num_classes))
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes)) if dropout else \
+        nn.Linear(in_features, num_classes)
+
+
+class TransferModule(L.LightningModule):
+    """Base LightningModule: task facts come from the DataModule (linked by the CLI)."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        multilabel: bool = False,
+        class_names: Optional[list[str]] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler_interval: str = "epoch",
+    ):
+        """
+        Args:
+            num_classes: number of classes (linked from the DataModule).
+            multilabel: multi-label targets (linked from the DataModule).
+            class_names: class names (linked from the DataModule), carried into predictions and metrics.json.
+            lr: learning rate of the head (other groups are derived from it where a method has them).
+            weight_decay: weight decay of every param group.
+            optimizer: any torch optimizer, e.g. ``{class_path: torch.optim.SGD, init_args: {momentum: 0.9}}``.
+            scheduler: any torch LR scheduler, e.g. ``{class_path: torch.optim.lr_scheduler.CosineAnnealingLR}``.
+            scheduler_interval: ``epoch`` or ``step``.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.num_classes = num_classes
+        self.multilabel = multilabel
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        # keys "<stage>_" because nn.Module already owns the attribute "train"
+        self.metrics = nn.ModuleDict({f"{s}_": build_metrics(num_classes, multilabel).clone(prefix=f"{s}/")
+                                      for s in STAGES})
+
+    # ----- metrics ---------------------------------------------------------------------------------------
+    @property
+    def monitor(self) -> tuple[str, str]:
+        """(metric, mode) that selects the best checkpoint."""
+        return ("val/mAP", "max") if self.multilabel else ("val/acc", "max")
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return task_loss(logits, targets, self.multilabel)
+
+    def log_metrics(self, stage: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        metrics = self.metrics[f"{stage}_"]
+        if self.multilabel:
+            metrics.update(logits, targets.long())
+        else:
+            metrics.update(logits, targets)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+
+    # ----- optimisation -------------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Param groups for the optimizer; methods with layer groups override this."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr": self.lr, "name": "head"}]
+
+    def configure_optimizers(self):
+        groups = [dict(g, weight_decay=g.get("weight_decay", self.weight_decay)) for g in self.param_groups()]
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    # ----- prediction and results ---------------------------------------------------------------------------
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        logits = self(x)
+        if self.multilabel:
+            probs = logits.sigmoid()
+        else:
+            probs = logits.softmax(-1)
+        score, pred = probs.max(-1)
+        return {"pred": pred, "score": score, "probs": probs}
+
+    def results(self) -> dict:
+        """Extra, method-specific entries for ``metrics.json`` (e.g. an accuracy matrix)."""
+        return {}
