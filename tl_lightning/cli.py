@@ -1,4 +1,4 @@
-"""Command line: ``python -m tl_lightning {fit,validate,test,predict,submit,sweep} ...`` (LightningCLI).
+"""Command line: ``python -m tl_lightning {fit,validate,test,predict,submit,sweep,retrieve} ...`` (LightningCLI).
 
 Model and data are picked by ``class_path``/``init_args``; the task facts only the DataModule knows (class
 count, multi-label, class names) are linked into the model, and the model's backbone is linked into the data
@@ -13,17 +13,23 @@ import sys
 import time
 from typing import Optional
 
+import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from tl_lightning.callbacks.media import ConfusionMatrix, log_run_media
+from tl_lightning.callbacks.predictions import PredictionWriter
 from tl_lightning.callbacks.results import BestCheckpoint, ResultsWriter
 from tl_lightning.data.base import TLDataModule
+from tl_lightning.backbones import check_backbone_name
 from tl_lightning.errors import TLError
+from tl_lightning.loggers import place_loggers_in_run_dir
 from tl_lightning.methods.base import TransferModule
 
 #: subcommands that are not Trainer entry points: name -> "module:function(argv)"
 EXTRA_COMMANDS = {
     "submit": "tl_lightning.slurm:main",
     "sweep": "tl_lightning.sweep:main",
+    "retrieve": "tl_lightning.retrieval:main",
 }
 
 CONFIG_FILE = "config.yaml"
@@ -44,11 +50,28 @@ class SaveRunConfig(SaveConfigCallback):
                          multifile=False)
 
 
+class TLArgumentParser(LightningArgumentParser):
+    """Parser whose errors are one line (``error: ...``) plus a pointer to ``--help``, not a usage wall."""
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        if not self.exit_on_error:  # a nested parser: let the outer one report
+            return super().error(message, ex)
+        last = TLError.last
+        if last is not None and str(last) in str(message):
+            text = _user_message(last)
+        else:
+            lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+            text = " ".join(lines[:3]) + " (run with --help to list the options)"
+        print(f"error: {text}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class TLCLI(LightningCLI):
     """LightningCLI with task-fact links, a run directory, test-after-fit and run results."""
 
     def __init__(self, *args, **kwargs):
         self._started = time.perf_counter()
+        self._started_wall = time.time()  # PNGs written after this are logged as media
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -60,12 +83,16 @@ class TLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        backbone = (config.get("model") or {}).get("init_args", {}).get("backbone")
+        if backbone:
+            check_backbone_name(backbone)
         if not config.trainer.get("default_root_dir"):
             name = "run"
             configs = config.get("config") or []
             if configs:
                 name = os.path.splitext(os.path.basename(str(configs[-1])))[0]
             config.trainer.default_root_dir = os.path.join("runs", name)
+        place_loggers_in_run_dir(config.trainer)
 
     # ----- results -----------------------------------------------------------------------------------------
     def _results_writer(self) -> Optional[ResultsWriter]:
@@ -78,9 +105,13 @@ class TLCLI(LightningCLI):
         model = self.model
         extra = {"class_names": list(getattr(model, "class_names", []) or [])}
         extra.update(model.results() if hasattr(model, "results") else {})
+        report = getattr(self.datamodule, "data_report", None)
+        if report is not None:
+            extra["data_report"] = report.as_dict()
         config_path = os.path.join(self.trainer.default_root_dir, CONFIG_FILE)
         writer.write(self.trainer, command, metrics, config_path if os.path.exists(config_path) else None,
                      time.perf_counter() - self._started, extra)
+        log_run_media(self.trainer, since=self._started_wall)
 
     def after_fit(self) -> None:
         metrics = dict(self.trainer.callback_metrics)
@@ -102,11 +133,12 @@ class TLCLI(LightningCLI):
 def run_cli(args: Optional[list[str]] = None, run: bool = True) -> TLCLI:
     return TLCLI(
         TransferModule,
-        TLDataModule,
+        L.LightningDataModule,  # TLDataModule or a wrapper of them (e.g. the domain-adaptation pair)
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=SaveRunConfig,
-        trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint()]},
+        parser_class=TLArgumentParser,
+        trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), PredictionWriter(), ConfusionMatrix()]},
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
@@ -128,12 +160,27 @@ def main(argv: Optional[list[str]] = None) -> None:
             module, func = EXTRA_COMMANDS[argv[0]].split(":")
             getattr(importlib.import_module(module), func)(argv[1:])
             return
-        run_cli(argv)
+        run_cli(None if argv == sys.argv[1:] else argv)
     except TLError as e:
         print(f"error: {_user_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
-    except Exception as e:  # a TLError wrapped by a DataLoader worker or a hook
-        if e.__class__.__name__ == "TLError" or "TLError" in str(e)[:200]:
-            print(f"error: {_user_message(e)}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
+    except Exception as e:  # a TLError wrapped by jsonargparse, a DataLoader worker or a hook
+        wrapped = _wrapped_user_error(e)
+        if wrapped is None:
+            raise
+        print(f"error: {wrapped}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _wrapped_user_error(err: BaseException) -> Optional[str]:
+    seen = err
+    while seen is not None:  # explicit chain
+        if isinstance(seen, TLError):
+            return _user_message(seen)
+        seen = seen.__cause__ or seen.__context__
+    last = TLError.last
+    if last is not None and str(last) and str(last) in str(err):
+        return _user_message(last)
+    if "TLError" in str(err):  # re-raised from a worker process under another type
+        return _user_message(err)
+    return None

@@ -4,6 +4,13 @@
 class TLError(Exception):
     """An error caused by the user's input (config, data, paths), printed without a traceback."""
 
+    #: the most recent TLError, so the CLI can find it when a library wrapped it in its own exception
+    last: "TLError | None" = None
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        TLError.last = self
+
 
 class DatasetNotFoundError(TLError):
     """A data set is missing or incomplete on disk."""

@@ -64,11 +64,12 @@ class FeatureExtractor(nn.Module):
         return torch.cat(outputs, dim=1)
 
 
-def layer_groups(model: nn.Module) -> "OrderedDict[str, list[str]]":
+def layer_groups(model: nn.Module, coarse: bool = False) -> "OrderedDict[str, list[str]]":
     """Parameter names per layer group, from the model's own ``group_matcher`` (timm), input to output.
 
-    Groups are named after their first module (``stem``, ``blocks.0``, ..., ``conv_head``); the classifier
-    is not included (it is the task head).
+    Groups are named after their first module (``stem``, ``blocks.0.0``, ..., ``conv_head``); the classifier
+    is not included (it is the task head). ``coarse=True`` uses timm's coarse grouping (whole stages) and names
+    each group by the text its matcher matched (``stem``, ``blocks.0``, ..., ``blocks.6``; ``layer1``...).
     """
     from timm.models import group_parameters
 
@@ -77,23 +78,40 @@ def layer_groups(model: nn.Module) -> "OrderedDict[str, list[str]]":
     named = [n for n, _ in model.named_parameters() if not n.startswith(classifiers)]
     if not hasattr(model, "group_matcher"):
         raise TLError(f"{model.__class__.__name__} has no timm group_matcher; layer groups cannot be derived.")
-    grouped = group_parameters(model, model.group_matcher(coarse=False), reverse=False)
+    matcher = model.group_matcher(coarse=coarse)
+    grouped = group_parameters(model, matcher, reverse=False)
     groups: OrderedDict[str, list[str]] = OrderedDict()
     for _gid, names in sorted(grouped.items()):
         names = [n for n in names if n in named]
         if not names:
             continue
         first = names[0]
-        label = "stem" if _gid == 0 and _matches_stem(model, first) else _group_label(first)
+        if _gid == 0 and _matches_stem(matcher, first):
+            label = "stem"
+        else:
+            label = (_matched_label(matcher, first) if coarse else None) or _group_label(first)
         while label in groups:
             label += "+"
         groups[label] = names
     return groups
 
 
-def _matches_stem(model: nn.Module, name: str) -> bool:
-    stem = model.group_matcher(coarse=False).get("stem")
-    return bool(stem and re.match(stem, name))
+def _matches_stem(matcher, name: str) -> bool:
+    stem = matcher.get("stem") if isinstance(matcher, dict) else None
+    return bool(stem and isinstance(stem, str) and re.match(stem, name))
+
+
+def _matched_label(matcher, param_name: str) -> str | None:
+    """The text of ``param_name`` that a dict ``group_matcher``'s regex matched (``blocks.5``), if any."""
+    if not isinstance(matcher, dict):
+        return None
+    for spec in matcher.values():
+        patterns = [spec] if isinstance(spec, str) else [p[0] for p in spec or []]
+        for pattern in patterns:
+            hit = re.match(pattern, param_name)
+            if hit and hit.group(0).strip("."):
+                return hit.group(0).strip(".")
+    return None
 
 
 def _group_label(param_name: str) -> str:

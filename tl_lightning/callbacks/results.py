@@ -42,6 +42,23 @@ class BestCheckpoint(ModelCheckpoint):
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
 
+    # Lightning >= 2.5 refreshes last.ckpt only when a top-k checkpoint is saved in the same step, so after an
+    # epoch without improvement last.ckpt would hold an older epoch and a resume would repeat epochs.
+    def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: "L.Trainer") -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) \
+                and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
 
 class ResultsWriter(L.Callback):
     """Records per-epoch metrics and, at the end of a command, prints a table and writes ``metrics.json``."""
@@ -51,8 +68,10 @@ class ResultsWriter(L.Callback):
         self.history: list[dict] = []
         self.started = time.perf_counter()
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.history = []
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # setup runs before a resumed fit restores the history (load_state_dict); on_fit_start runs after it
+        if stage == "fit":
+            self.history = []
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -213,6 +213,9 @@ class TLDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         pin_memory: bool = True,
         cache_dir: Optional[str] = None,
+        report: bool = False,
+        bad_images: Literal["drop", "fail", "ignore"] = "drop",
+        predict_dir: Optional[str] = None,
     ):
         """
         Args:
@@ -230,6 +233,11 @@ class TLDataModule(L.LightningDataModule):
             persistent_workers: keep loader workers alive between epochs.
             pin_memory: pin host memory when training on an accelerator.
             cache_dir: where unpacked data goes; default ``$TL_LIGHTNING_CACHE`` or ``~/.cache/tl_lightning``.
+            report: before training, check that every image file decodes and print a data report
+                (images per class per split, smallest class, unreadable files; see ``data/report.py``).
+            bad_images: with ``report``, image files that do not decode are ``drop``-ped (with a warning),
+                ``fail`` the run, or are not checked (``ignore``).
+            predict_dir: ``predict`` classifies the images in this folder instead of the test split.
         """
         super().__init__()
         if val_fraction < 0 or val_fraction >= 1 or test_fraction < 0 or test_fraction >= 1:
@@ -250,6 +258,12 @@ class TLDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.pin_memory = pin_memory
         self.cache_dir = cache_dir or default_cache_dir()
+        self.report = report
+        self.bad_images = bad_images
+        self.predict_dir = predict_dir
+        #: the data report of the last ``setup`` (``report=True``), also written to ``metrics.json``
+        self.data_report = None
+        self._unreadable: dict[str, str] = {}
         self.splits: dict[str, SampleSet] = {}
         #: set by a method that serves precomputed features: (split, SampleSet, shuffle) -> DataLoader | None
         self.loader_hook: Optional[Callable[[str, SampleSet, bool], Optional[DataLoader]]] = None
@@ -296,32 +310,69 @@ class TLDataModule(L.LightningDataModule):
 
     # ----- splits ------------------------------------------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.splits:
+        if self.splits or (stage == "predict" and self.predict_dir):
             return
         eval_t = self.eval_transform()
         train_src = self.build_split("train")
         val_src = self.build_split("val")
         test_src = self.build_split("test")
-        train = SampleSet(train_src, transform=eval_t)
+        train = self.readable(SampleSet(train_src, transform=eval_t))
         if test_src is None:
             keep, carved = stratified_split(train.targets, self.test_fraction, self.seed + 1)
             test, train = train.subset(carved), train.subset(keep)
         else:
-            test = SampleSet(test_src, transform=eval_t)
+            test = self.readable(SampleSet(test_src, transform=eval_t))
         if val_src is None:
             keep, carved = stratified_split(train.targets, self.val_fraction, self.seed)
             val, train = train.subset(carved), train.subset(keep)
         else:
-            val = SampleSet(val_src, transform=eval_t)
+            val = self.readable(SampleSet(val_src, transform=eval_t))
         if self.samples_per_class:
             train = train.subset(per_class_subset(train.targets, self.samples_per_class, self.seed))
         if self.train_fraction and self.train_fraction < 1:
             keep, _ = stratified_split(train.targets, 1 - self.train_fraction, self.seed + 2)
             train = train.subset(keep)
         self.splits = {"train": train.with_transform(self.train_transform()), "val": val, "test": test}
+        if self.report:
+            from tl_lightning.data.report import DataReport
+
+            self.data_report = DataReport.of(self.__class__.__name__, self.classes, self.splits,
+                                              self._unreadable, self.bad_images)
+            self.data_report.emit()
+
+    def readable(self, dataset: SampleSet) -> SampleSet:
+        """With ``report`` on, ``dataset`` without the image files that do not decode (recorded for the report)."""
+        if not self.report:
+            return dataset
+        from tl_lightning.data.report import drop_unreadable
+
+        kept, bad = drop_unreadable(dataset, self.bad_images, self.cache_dir)
+        self._unreadable.update(bad)
+        return kept
+
+    def predict_dataset(self) -> SampleSet:
+        """The images under ``predict_dir`` (recursively), in sorted order, with unknown (-1) targets."""
+        from tl_lightning.data.files import IMAGE_EXTENSIONS, list_images
+        from tl_lightning.data.report import drop_unreadable, warn_unreadable
+
+        if not os.path.isdir(self.predict_dir):
+            raise TLError(f"predict_dir '{self.predict_dir}' is not a folder; point --data.predict_dir at a folder "
+                          "of images.")
+        paths = list_images(self.predict_dir)
+        if not paths:
+            raise TLError(f"no images under predict_dir '{self.predict_dir}' (looked for "
+                          f"{', '.join(IMAGE_EXTENSIONS)}); point --data.predict_dir at a folder of images.")
+        targets = -np.ones((len(paths), self.num_classes) if self.multilabel else len(paths), dtype=np.int64)
+        dataset = SampleSet(FileSource(paths, targets), transform=self.eval_transform())
+        kept, bad = drop_unreadable(dataset, self.bad_images, self.cache_dir)
+        if bad:
+            warn_unreadable(bad, "predict_dir")
+        return kept
 
     def split_dataset(self, split: str, deterministic: bool = False) -> SampleSet:
         """The :class:`SampleSet` of ``split``; ``deterministic`` swaps training augmentation for eval transforms."""
+        if split == "predict" and self.predict_dir:
+            return self.predict_dataset()
         if not self.splits:
             self.setup()
         if split == "predict":

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
+from torchmetrics.classification import MulticlassAccuracy
+
+from tl_lightning.metrics import MultilabelVOCAveragePrecision
 
 STAGES = ("train", "val", "test")
 
@@ -28,8 +30,9 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> 
 
 def build_metrics(num_classes: int, multilabel: bool) -> MetricCollection:
     if multilabel:
-        return MetricCollection({"mAP": MultilabelAveragePrecision(num_labels=num_classes, average="macro",
-                                                                   ignore_index=-1)})
+        # area-under-curve AP and the VOC2007 11-point AP, both ignoring targets of -1 (tl_lightning.metrics)
+        return MetricCollection({"mAP": MultilabelVOCAveragePrecision(num_classes, method="area"),
+                                 "mAP_voc07": MultilabelVOCAveragePrecision(num_classes, method="voc07")})
     return MetricCollection({"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")})
 
 
@@ -97,6 +100,16 @@ class TransferModule(L.LightningModule):
         else:
             metrics.update(logits, targets)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+
+    def supervised_step(self, stage: str, batch) -> torch.Tensor:
+        """Forward a labelled ``(x, y)`` batch, log ``<stage>/loss`` and the stage's metrics, return the loss."""
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "train",
+                 sync_dist=True)  # the mean over all DDP processes (a no-op on one)
+        self.log_metrics(stage, logits, y)
+        return loss
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

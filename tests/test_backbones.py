@@ -1,0 +1,113 @@
+"""Backbones: bundled ImageNet weights, weight sources, data configs and clear errors."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from tl_lightning.backbones import FeatureExtractor, create_backbone, data_config, layer_groups
+from tl_lightning.backbones.bundled import bundled_weights_path
+from tl_lightning.errors import TLError
+
+# Top-5 ImageNet logits of skimage's chelsea (a tabby cat) under the bundled EfficientNet-Lite0, timm's
+# eval transform (224 px, bicubic, crop 0.875, mean/std 0.5). Recorded once from the mapped weights.
+CHELSEA_TOP5 = [282, 285, 281, 287, 904]
+CHELSEA_LOGITS = [9.2356, 9.1381, 8.3953, 5.9227, 3.4109]
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone("tf_efficientnet_lite0", weights="bundled", num_classes=None).eval()
+
+
+def chelsea_batch() -> torch.Tensor:
+    import skimage.data
+    from timm.data import create_transform
+
+    return create_transform(**data_config("tf_efficientnet_lite0"))(Image.fromarray(skimage.data.chelsea())).unsqueeze(0)
+
+
+def test_bundled_tensors_are_loaded_unchanged_in_order(lite0):
+    source = torch.load(bundled_weights_path(), map_location="cpu", weights_only=True)
+    target = lite0.state_dict()
+    assert len(source) == len(target) == 296
+    for (tk, tv), (sk, sv) in zip(target.items(), source.items()):
+        assert torch.equal(tv, sv), (tk, sk)
+
+
+def test_bundled_weights_give_reference_logits_and_classify_chelsea_as_cat(lite0):
+    with torch.no_grad():
+        logits = lite0(chelsea_batch())[0]
+    values, indices = logits.topk(5)
+    assert indices.tolist() == CHELSEA_TOP5
+    assert torch.allclose(values, torch.tensor(CHELSEA_LOGITS), atol=2e-3)
+    assert int(logits.argmax()) in CAT_CLASSES
+
+
+def test_data_config_follows_timm():
+    cfg = data_config("tf_efficientnet_lite0")
+    assert cfg["input_size"] == (3, 224, 224)
+    assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["interpolation"] == "bicubic"
+    assert data_config("tf_efficientnet_lite0", image_size=96)["input_size"] == (3, 96, 96)
+    assert data_config("digit_cnn")["input_size"] == (3, 32, 32)
+    assert data_config("resnet18")["mean"] == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_any_timm_model_and_the_digit_cnn_are_backbones():
+    for name in ("resnet18", "digit_cnn"):
+        model = create_backbone(name, weights="none")
+        out = model(torch.randn(2, 3, 32, 32))
+        assert out.shape == (2, model.num_features)
+
+
+def test_local_checkpoint_round_trip(tmp_path, lite0):
+    path = tmp_path / "lite0.pth"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in lite0.state_dict().items()}}, path)
+    loaded = create_backbone("tf_efficientnet_lite0", weights=str(path), num_classes=0)
+    own = loaded.state_dict()
+    for k, v in lite0.state_dict().items():
+        if not k.startswith("classifier"):
+            assert torch.equal(own[k], v), k
+
+
+def test_unknown_backbone_is_one_clear_sentence():
+    with pytest.raises(TLError, match=r"unknown backbone 'resnet5O'.*Did you mean 'resnet50'"):
+        create_backbone("resnet5O")
+
+
+def test_missing_weight_file_and_wrong_bundled_model():
+    with pytest.raises(TLError, match="neither one of bundled, hub, none nor an existing checkpoint"):
+        create_backbone("resnet18", weights="/nonexistent/weights.pth")
+    with pytest.raises(TLError, match="weights='bundled' exists only for 'tf_efficientnet_lite0'"):
+        create_backbone("resnet18", weights="bundled")
+
+
+def test_unreachable_hub_is_one_clear_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without network sees, without waiting for it
+    with pytest.raises(TLError, match="could not fetch hub weights for 'resnet18'"):
+        create_backbone("resnet18", weights="hub")
+
+
+def test_feature_extractor_reads_penultimate_and_stages(lite0):
+    model = create_backbone("tf_efficientnet_lite0", weights="bundled", num_classes=0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pen = FeatureExtractor(model)(x)
+        full = FeatureExtractor(model, "all")(x)
+        direct = model(x)
+    assert torch.allclose(pen, direct)
+    assert full.shape[1] == 16 + 24 + 40 + 112 + 320 + 1280
+    assert torch.allclose(full[:, -1280:], direct)
+    with pytest.raises(TLError, match="unknown feature layer"):
+        FeatureExtractor(model, ["blocks.99"])
+
+
+def test_layer_groups_cover_every_backbone_parameter_in_order(lite0):
+    groups = layer_groups(lite0)
+    names = [n for ns in groups.values() for n in ns]
+    expected = [n for n, _ in lite0.named_parameters() if not n.startswith("classifier")]
+    assert sorted(names) == sorted(expected)
+    assert next(iter(groups)) == "stem"

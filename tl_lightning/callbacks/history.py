@@ -1,0 +1,47 @@
+"""A live per-epoch metric stream: ``<run dir>/history.jsonl``, one JSON line per validation epoch (rank 0).
+
+The local sweep runner (``tl_lightning.sweep``) reads it while a trial runs, which is what W&B's early
+termination (hyperband) needs; ``metrics.json`` only appears when a run ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+import torch
+
+HISTORY_FILE = "history.jsonl"
+
+
+class HistoryStream(L.Callback):
+    """Appends the epoch's scalar metrics (``trainer.callback_metrics``) to ``<run dir>/history.jsonl``."""
+
+    def __init__(self, filename: str = HISTORY_FILE):
+        self.filename = filename
+
+    def on_validation_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for key, value in trainer.callback_metrics.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                row[key] = value.item()
+        os.makedirs(trainer.default_root_dir, exist_ok=True)
+        with open(os.path.join(trainer.default_root_dir, self.filename), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_history(run_dir: str, filename: str = HISTORY_FILE) -> list[dict]:
+    """The rows written so far (a partly written last line is skipped)."""
+    rows = []
+    try:
+        with open(os.path.join(run_dir, filename)) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+    except FileNotFoundError:
+        pass
+    return rows

@@ -1,0 +1,72 @@
+"""``predict`` output: a CSV of file, predicted class name and score per image, in the run directory.
+
+``python -m tl_lightning predict --config CFG --ckpt_path BEST.ckpt --data.predict_dir=NEW_IMAGES`` classifies
+every image under ``NEW_IMAGES`` (without it, the test split) and writes ``<run dir>/predictions.csv``. The
+method's ``predict_step`` returns ``pred``, ``score`` and ``probs``; class names come from the model (linked
+from the DataModule). Multi-label tasks also get a ``labels`` column: every class with probability >= 0.5.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Optional
+
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+PREDICTIONS_FILE = "predictions.csv"
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Collects each predicted batch and writes ``predictions.csv`` (one file per rank when several run)."""
+
+    def __init__(self, filename: str = PREDICTIONS_FILE, threshold: float = 0.5):
+        super().__init__(write_interval="batch")
+        self.filename = filename
+        self.threshold = threshold
+        self.rows: dict[int, list] = {}
+        self.path: Optional[str] = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.rows = {}
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx: int,
+                           dataloader_idx: int = 0) -> None:
+        if not isinstance(prediction, dict) or not {"pred", "score"} <= set(prediction) or prediction["pred"].ndim != 1:
+            return  # a method with its own prediction format
+        loaders = trainer.predict_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        dataset = loader.dataset
+        names = list(getattr(pl_module, "class_names", None) or [])
+        multilabel = bool(getattr(pl_module, "multilabel", False))
+        preds = prediction["pred"].tolist()
+        scores = prediction["score"].float().tolist()
+        probs = prediction["probs"].float().tolist() if multilabel else None
+        indices = list(batch_indices) if batch_indices else range(batch_idx * len(preds), (batch_idx + 1) * len(preds))
+        for k, (i, pred, score) in enumerate(zip(indices, preds, scores)):
+            i = int(i)
+            file = dataset.describe(i) if hasattr(dataset, "describe") else str(i)
+            name = names[pred] if pred < len(names) else str(pred)
+            row = [file, name, f"{score:.6f}"]
+            if multilabel:
+                row.append(";".join(n for n, p in zip(names, probs[k]) if p >= self.threshold))
+            self.rows[i] = row  # keyed by index: a distributed sampler's padding repeats samples
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        super().on_predict_epoch_end(trainer, pl_module)
+        if not self.rows:
+            return
+        run_dir = trainer.default_root_dir
+        os.makedirs(run_dir, exist_ok=True)
+        name = self.filename
+        if trainer.world_size > 1:
+            stem, ext = os.path.splitext(name)
+            name = f"{stem}.rank{trainer.global_rank}{ext}"
+        self.path = os.path.join(run_dir, name)
+        header = ["file", "class", "score"] + (["labels"] if getattr(pl_module, "multilabel", False) else [])
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(self.rows[i] for i in sorted(self.rows))
+        os.replace(tmp, self.path)
+        print(f"wrote {len(self.rows)} predictions to {self.path}", flush=True)

@@ -1,0 +1,363 @@
+"""Domain adaptation after Tzeng, Hoffman, Darrell & Saenko, "Simultaneous Deep Transfer Across Domains and
+Tasks" (ICCV 2015), with DANN's gradient reversal (Ganin & Lempitsky, ICML 2015) as the unsupervised variant.
+
+One network ``classifier(features(x))`` plus a domain classifier on the features, trained with manual
+optimisation and two optimizers (one owns the feature extractor and classifier, one the domain classifier):
+
+* **L_C** - cross-entropy on the source labels and on the k labelled target samples per class;
+* **L_D** - the domain classifier's cross-entropy (source = 0, target = 1) on detached features, its own step;
+* **L_conf** (``confusion: uniform``) - the representation step: cross-entropy of the domain classifier's
+  prediction against the *uniform* domain distribution, weighted by λ; it alternates with the L_D step;
+* ``confusion: gradient_reversal`` (DANN) - one step through a gradient-reversal layer scaled by λ·λ_p,
+  λ_p = 2/(1+exp(-10p)) - 1 from training progress p; ``confusion: none`` trains the domain classifier only as
+  a probe (its accuracy shows how separable the domains are);
+* **L_soft** - cross-entropy of the labelled target's prediction at temperature τ against the per-class mean
+  softmax (at τ) of a source-trained model over the source examples of each class, weighted by ν. The soft
+  labels are computed once, before adaptation, from ``source_checkpoint`` (a checkpoint of a ``source_only``
+  run; with ``init_from_source`` the network also starts from its weights) or, without it, from this network
+  after ``source_pretrain_epochs`` of source training (these epochs come before the trainer's ``max_epochs``).
+
+Baselines from the same module: ``mode: source_only`` (L_C on the source alone) and ``mode: target_only``
+(L_C on the labelled target; with ``labelled_per_class: null`` this is train-on-target).
+
+Logged: ``train/loss`` and every term (``loss_cls``, ``loss_domain``, ``loss_conf``, ``loss_soft``),
+``train/lambda``, ``train/{source,target}_acc``, ``train/domain_acc``; ``{val,test}/{target,source}_acc`` and
+``{val,test}/domain_acc`` (about 50% when confusion works). The best checkpoint follows ``val/target_acc``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from tl_lightning.backbones import create_backbone
+from tl_lightning.data.domains import EVAL_DOMAINS, DomainPairDataModule
+from tl_lightning.errors import TLError
+from tl_lightning.losses import class_soft_labels, confusion_loss, dann_lambda, grad_reverse, soft_label_loss
+from tl_lightning.methods.base import TransferModule, build_metrics, make_head, task_loss
+
+SOURCE, TARGET = 0, 1
+
+
+class DomainAdaptation(TransferModule):
+    """Tzeng et al. (2015) domain confusion + soft labels, DANN, and the source-only / train-on-target baselines."""
+
+    def __init__(
+        self,
+        backbone: str = "digit_cnn",
+        weights: str = "none",
+        mode: Literal["adapt", "source_only", "target_only"] = "adapt",
+        confusion: Literal["uniform", "gradient_reversal", "none"] = "uniform",
+        confusion_weight: float = 0.1,
+        lambda_schedule: bool = True,
+        soft_label_weight: float = 0.0,
+        temperature: float = 2.0,
+        source_checkpoint: Optional[str] = None,
+        init_from_source: bool = True,
+        source_pretrain_epochs: int = 0,
+        domain_hidden_dim: int = 100,
+        domain_lr: Optional[float] = None,
+        hidden_dim: int = 0,
+        dropout: float = 0.0,
+        **kwargs,
+    ):
+        """
+        Args:
+            backbone: any timm model name (trained here; ``digit_cnn`` for 32 px digits).
+            weights: ``bundled``, ``hub``, ``none`` or a checkpoint path.
+            mode: ``adapt``, or the baselines ``source_only`` and ``target_only``.
+            confusion: ``uniform`` (Tzeng et al.), ``gradient_reversal`` (DANN) or ``none``.
+            confusion_weight: λ, the weight of L_conf (or the GRL's scale).
+            lambda_schedule: multiply λ by DANN's λ_p = 2/(1+exp(-10p)) - 1 (p = training progress).
+            soft_label_weight: ν, the weight of L_soft (0 = no soft labels).
+            temperature: τ of the soft labels and of the target prediction they are compared with.
+            source_checkpoint: checkpoint of a source-trained DomainAdaptation (a ``source_only`` run): the
+                model the soft labels come from.
+            init_from_source: start the network from ``source_checkpoint``'s weights (warm start).
+            source_pretrain_epochs: epochs of source-only training before adaptation (and before soft labels).
+            domain_hidden_dim: hidden width of the domain classifier (0 = linear).
+            domain_lr: learning rate of the domain classifier; default ``lr``.
+            hidden_dim: 0 for a linear classifier, else the hidden width of an MLP classifier.
+            dropout: dropout before the classifier's output layer.
+        """
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        if temperature <= 0:
+            raise TLError("temperature must be > 0; fix --model.init_args.temperature.")
+        if soft_label_weight > 0 and self.multilabel:
+            raise TLError("soft labels need single-label classes; set soft_label_weight: 0 for a multi-label task.")
+        self.backbone_name = backbone
+        self.mode = mode
+        self.confusion = confusion
+        self.confusion_weight = confusion_weight
+        self.lambda_schedule = lambda_schedule
+        self.soft_label_weight = soft_label_weight
+        self.temperature = temperature
+        self.source_checkpoint = source_checkpoint
+        self.init_from_source = init_from_source
+        self.source_pretrain_epochs = source_pretrain_epochs
+        self.domain_lr = domain_lr
+        self.features = create_backbone(backbone, weights, num_classes=0)
+        feature_dim = self.features.num_features
+        self.classifier = make_head(feature_dim, self.num_classes, hidden_dim, dropout)
+        self.domain_classifier = make_head(feature_dim, 2, domain_hidden_dim)
+        self.register_buffer("soft_labels", torch.full((self.num_classes, self.num_classes), 1.0 / self.num_classes))
+        # set once the source stage (pre-training, soft labels) is done; saved in checkpoints, so resumes skip it
+        self.register_buffer("source_stage_done", torch.tensor(False))
+        self.eval_metrics = nn.ModuleDict({
+            f"{stage}_{domain}": build_metrics(self.num_classes, self.multilabel).clone(prefix=f"{stage}/{domain}_")
+            for stage in ("val", "test") for domain in EVAL_DOMAINS})
+        self.domain_metrics = nn.ModuleDict({stage: MulticlassAccuracy(num_classes=2, average="micro")
+                                             for stage in ("val", "test")})
+        self.pretrain_history: list[float] = []
+
+    # ----- network -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        return ("val/target_mAP", "max") if self.multilabel else ("val/target_acc", "max")
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """What the first optimizer owns: feature extractor and classifier."""
+        return list(self.features.parameters()) + list(self.classifier.parameters())
+
+    def configure_optimizers(self):
+        model_opt = self.optimizer_factory([{"params": self.model_parameters(), "lr": self.lr,
+                                             "weight_decay": self.weight_decay, "name": "model"}])
+        domain_opt = self.optimizer_factory([{"params": list(self.domain_classifier.parameters()),
+                                              "lr": self.domain_lr or self.lr, "weight_decay": self.weight_decay,
+                                              "name": "domain"}])
+        if self.scheduler_factory is None:
+            return [model_opt, domain_opt]
+        return [model_opt, domain_opt], [self.scheduler_factory(model_opt), self.scheduler_factory(domain_opt)]
+
+    # ----- the source stage: pre-training and soft labels, once before adaptation -------------------------------
+    def _pair(self) -> DomainPairDataModule:
+        dm = getattr(self.trainer, "datamodule", None)
+        if not isinstance(dm, DomainPairDataModule):
+            raise TLError("DomainAdaptation needs a source/target pair: use "
+                          "data.class_path: tl_lightning.data.domains.DomainPairDataModule.")
+        return dm
+
+    @property
+    def uses_soft_labels(self) -> bool:
+        return self.mode == "adapt" and self.soft_label_weight > 0
+
+    def on_fit_start(self) -> None:
+        dm = self._pair()
+        if self.mode == "target_only" and not dm.has_labelled_target:
+            raise TLError("mode target_only needs labelled target samples; set data labelled_per_class > 0 "
+                          "or null (all).")
+        if self.uses_soft_labels:
+            if not dm.has_labelled_target:
+                raise TLError("soft labels apply to labelled target samples; set data labelled_per_class > 0 "
+                              "or soft_label_weight: 0.")
+            if not self.source_checkpoint and self.source_pretrain_epochs < 1:
+                raise TLError("soft labels need a source-trained model: set source_checkpoint (a source_only "
+                              "checkpoint) or source_pretrain_epochs >= 1.")
+
+    def on_train_start(self) -> None:
+        if bool(self.source_stage_done):
+            return
+        teacher = self._load_teacher(self.source_checkpoint) if self.source_checkpoint else self
+        if teacher is not self and self.init_from_source:
+            self.features.load_state_dict(teacher[0].state_dict())
+            self.classifier.load_state_dict(teacher[1].state_dict())
+        if self.mode != "target_only":
+            for _ in range(self.source_pretrain_epochs):
+                self._pretrain_epoch()
+        if self.uses_soft_labels:
+            self.soft_labels.copy_(self._source_soft_labels(teacher))
+        self.source_stage_done.fill_(True)
+
+    def _pretrain_epoch(self) -> None:
+        """One epoch of L_C on the source alone with the model optimizer."""
+        optimizer = self.optimizers()[0].optimizer
+        self.train()
+        total, count = 0.0, 0
+        for x, y in self._pair().source_loader(train=True):
+            x, y = x.to(self.device), y.to(self.device)
+            loss = self.loss(self(x), y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            total, count = total + loss.item() * len(y), count + len(y)
+        self.pretrain_history.append(total / max(count, 1))
+        print(f"source pre-training epoch {len(self.pretrain_history)}: loss {self.pretrain_history[-1]:.4f}")
+
+    def _load_teacher(self, path: str) -> nn.Sequential:
+        """The source model (``features.*`` and ``classifier.*`` weights) of a DomainAdaptation checkpoint."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError) as e:
+            raise TLError(f"cannot read source_checkpoint '{path}' ({e.__class__.__name__}); "
+                          "fix the path.") from e
+        state = state.get("state_dict", state)
+        teacher = nn.Sequential(copy.deepcopy(self.features), copy.deepcopy(self.classifier))
+        wanted = {f"{i}.{k}": f"{prefix}.{k}" for i, (prefix, part) in
+                  enumerate((("features", self.features), ("classifier", self.classifier)))
+                  for k in part.state_dict()}
+        missing = [src for src in wanted.values() if src not in state]
+        if missing:
+            raise TLError(f"checkpoint '{path}' does not hold this model's weights ({missing[0]} is missing); "
+                          "use a checkpoint of a DomainAdaptation source_only run with the same backbone.")
+        teacher.load_state_dict({dst: state[src] for dst, src in wanted.items()})
+        return teacher.to(self.device)
+
+    @torch.no_grad()
+    def _source_soft_labels(self, teacher: nn.Module) -> torch.Tensor:
+        """Per-class mean softmax at τ of ``teacher`` over the source training examples."""
+        was_training = teacher.training
+        teacher.eval()
+        logits, targets = [], []
+        for x, y in self._pair().source_loader(train=False):
+            logits.append(teacher(x.to(self.device)).float().cpu())
+            targets.append(y)
+        teacher.train(was_training)
+        return class_soft_labels(torch.cat(logits), torch.cat(targets), self.num_classes,
+                                 self.temperature).to(self.soft_labels)
+
+    # ----- training --------------------------------------------------------------------------------------------
+    def adaptation_weight(self) -> float:
+        """λ, times λ_p when scheduled (p = finished share of the training batches)."""
+        if not self.lambda_schedule:
+            return self.confusion_weight
+        total = self.trainer.estimated_stepping_batches
+        done = self.current_epoch * self.trainer.num_training_batches + self._batch_idx
+        progress = done / total if total and total != float("inf") else 1.0
+        return self.confusion_weight * dann_lambda(progress)
+
+    def _log(self, name: str, value, batch_size: int) -> None:
+        self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size,
+                 prog_bar=name in ("loss", "domain_acc"))
+
+    def _log_acc(self, name: str, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if not self.multilabel and len(y):
+            self._log(name, (logits.argmax(-1) == y).float().mean(), len(y))
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+        model_opt, domain_opt = self.optimizers()
+        if self.mode != "adapt":
+            x, y = batch["source"] if self.mode == "source_only" else batch["target_labelled"]
+            logits = self(x)
+            loss = self.loss(logits, y)
+            self._step(model_opt, loss)
+            self._log("loss", loss, len(y))
+            self._log("loss_cls", loss, len(y))
+            self._log_acc("source_acc" if self.mode == "source_only" else "target_acc", logits, y)
+            self._step_schedulers("step")
+            return
+
+        x_s, y_s = batch["source"]
+        x_l, y_l = batch.get("target_labelled", (x_s[:0], y_s[:0]))
+        x_u = batch["target_unlabelled"]
+        n_s, n_l = len(x_s), len(x_l)
+        features = self.features(torch.cat([x_s, x_l, x_u]))
+        logits = self.classifier(features[: n_s + n_l])
+        y = torch.cat([y_s, y_l])
+        loss_cls = self.loss(logits, y)
+        domains = torch.cat([torch.full((n_s,), SOURCE), torch.full((len(features) - n_s,), TARGET)]).to(self.device)
+        weight = self.adaptation_weight()
+        loss = loss_cls
+
+        if self.confusion == "gradient_reversal":
+            # DANN: one backward trains the domain classifier on L_D and the features against it
+            domain_logits = self.domain_classifier(grad_reverse(features, weight))
+            loss_domain = F.cross_entropy(domain_logits, domains)
+            loss = loss + loss_domain
+        else:
+            # L_D step on detached features: only the domain classifier moves
+            domain_logits = self.domain_classifier(features.detach())
+            loss_domain = F.cross_entropy(domain_logits, domains)
+            self._step(domain_opt, loss_domain)
+            if self.confusion == "uniform":
+                self.toggle_optimizer(model_opt)  # the domain classifier is fixed during the confusion step
+                loss_conf = confusion_loss(self.domain_classifier(features))
+                self.untoggle_optimizer(model_opt)
+                loss = loss + weight * loss_conf
+                self._log("loss_conf", loss_conf, len(features))
+        if self.uses_soft_labels and n_l:
+            loss_soft = soft_label_loss(logits[n_s:], self.soft_labels[y_l], self.temperature)
+            loss = loss + self.soft_label_weight * loss_soft
+            self._log("loss_soft", loss_soft, n_l)
+
+        if self.confusion == "gradient_reversal":
+            model_opt.zero_grad()
+            domain_opt.zero_grad()
+            self.manual_backward(loss)
+            model_opt.step()
+            domain_opt.step()
+        else:
+            self._step(model_opt, loss)
+
+        self._log("loss", loss, len(features))
+        self._log("loss_cls", loss_cls, n_s + n_l)
+        self._log("loss_domain", loss_domain, len(features))
+        self._log("lambda", weight, len(features))
+        self._log("domain_acc", (domain_logits.argmax(-1) == domains).float().mean(), len(features))
+        self._log_acc("source_acc", logits[:n_s], y_s)
+        self._log_acc("target_acc", logits[n_s:], y_l)
+        self._step_schedulers("step")
+
+    def _step(self, optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+    def _step_schedulers(self, interval: str) -> None:
+        if self.scheduler_factory is None or interval != self.scheduler_interval:
+            return
+        for scheduler in self.lr_schedulers():
+            scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        self._step_schedulers("epoch")
+
+    # ----- evaluation: target and source separately ----------------------------------------------------------
+    def _eval_step(self, stage: str, batch, dataloader_idx: int) -> None:
+        domain = EVAL_DOMAINS[dataloader_idx]
+        x, y = batch
+        features = self.features(x)
+        logits = self.classifier(features)
+        self.log(f"{stage}/{domain}_loss", task_loss(logits, y, self.multilabel), on_epoch=True,
+                 add_dataloader_idx=False, batch_size=len(y))
+        metrics = self.eval_metrics[f"{stage}_{domain}"]
+        metrics.update(logits, y.long() if self.multilabel else y)
+        self.log_dict(metrics, on_epoch=True, add_dataloader_idx=False, prog_bar=domain == "target")
+        domain_logits = self.domain_classifier(features)
+        label = SOURCE if domain == "source" else TARGET
+        self.domain_metrics[stage].update(domain_logits, torch.full((len(y),), label, device=self.device))
+
+    def _log_domain_acc(self, stage: str) -> None:
+        metric = self.domain_metrics[stage]
+        self.log(f"{stage}/domain_acc", metric.compute())
+        metric.reset()
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_domain_acc("val")
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_domain_acc("test")
+
+    def results(self) -> dict:
+        out = {"mode": self.mode, "confusion": self.confusion if self.mode == "adapt" else None,
+               "source_pretrain_loss": self.pretrain_history}
+        if self.uses_soft_labels:
+            out["soft_labels"] = self.soft_labels.tolist()
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if isinstance(dm, DomainPairDataModule):
+            out["data_sizes"] = dm.sizes()
+        return out
