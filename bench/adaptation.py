@@ -1,6 +1,6 @@
 """Benchmark: MNIST -> MNIST-M domain adaptation (Tzeng et al. 2015 confusion + soft labels, DANN, baselines).
 
-    python -m bench.adaptation [--quick] [--data-root ../shared/data] [--seeds 0 1 2] [--source-train 10000] ...
+    python -m bench.adaptation [--quick] [--data-root ../shared/data] [--seeds 0 1 2] [--source-train 2000] [--resume] ...
 
 Real data from ``../shared/data``: MNIST (official idx files) as source, MNIST-M as target. Only MNIST-M's train
 split (25,000 images) is there, so its test split (20%) and validation split are carved out of it, stratified,
@@ -11,7 +11,7 @@ Protocol per seed: a source-only model is trained from scratch (the source-only 
 starts from it (``source_checkpoint``, warm start) and its soft labels come from it; train-on-target is trained
 from scratch on all labelled target training samples. Reported: accuracy of the final weights on the held-out
 MNIST-M test split (no model selection on target labels), mean ± std over the seeds. Writes
-``bench/results/adaptation.md`` and ``bench/results/adaptation.png``.
+``bench/results/adaptation.{md,json,png}`` (``adaptation_quick.*`` with ``--quick``).
 """
 from __future__ import annotations
 
@@ -115,13 +115,17 @@ def mean_std(values) -> str:
     return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}" if len(v) else "-"
 
 
+def results_stem(args) -> str:
+    return os.path.join(RESULTS, "adaptation_quick" if args.quick else "adaptation")
+
+
 def write_results(all_methods: list[Method], args, sizes: dict, wall_s: float) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     lines = [
         "# Domain adaptation: MNIST → MNIST-M", "",
         f"Backbone `{BACKBONE}` (small CNN after Ganin & Lempitsky's MNIST network, trained from scratch), "
         f"{IMAGE_SIZE}x{IMAGE_SIZE} px RGB, batch {args.batch_size} per stream, AdamW lr {args.lr}, "
-        f"seeds {', '.join(map(str, args.seeds))}. Sizes (class-balanced subsets): "
+        f"seeds {', '.join(map(str, sorted({r['seed'] for m in all_methods for r in m.runs})))}. Sizes (class-balanced subsets): "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sizes.items()) + ". "
         f"Source-only and train-on-target: {args.epochs} epoch(s) from scratch; adaptation methods: "
         f"{args.adapt_epochs} epoch(s) over the unlabelled target, starting from the seed's source-only model "
@@ -136,20 +140,23 @@ def write_results(all_methods: list[Method], args, sizes: dict, wall_s: float) -
         k = "all" if m.labelled_per_class is None else str(m.labelled_per_class)
         fit = np.mean([r["fit_s"] for r in m.runs]) if m.runs else float("nan")
         lines.append(f"| {m.name} | {k} | {mean_std(r['target_acc'] for r in m.runs)} | "
-                     f"{mean_std(r['source_acc'] for r in m.runs)} | {mean_std(r['domain_acc'] for r in m.runs)} | "
+                     f"{mean_std(r['source_acc'] for r in m.runs)} | "
+                     f"{mean_std(r['domain_acc'] for r in m.runs) if 'mode' not in m.model else '-'} | "
                      f"{m.published if m.published is not None else '-'} | {fit:.0f} |")
+    wall_s += getattr(args, "resumed_wall_s", 0.0)
     lines += ["", f"Total wall time {wall_s / 60:.1f} min on {os.cpu_count()} CPU cores "
               f"({platform.processor() or platform.machine()}, shared), torch {torch.__version__}. Published: "
               "Ganin & Lempitsky 2015 (full MNIST, 32 px, their schedule). The domain-classifier accuracy is "
-              "that of the method's own domain classifier on the test images of both domains (50% = confused; "
-              "for the baselines it was never trained and means nothing).", ""]
-    path = os.path.join(RESULTS, "adaptation.md")
+              "that of the method's own domain classifier on the test images of both domains, balanced over the "
+              "two domains (50% = confused; the baselines train none).", ""]
+    stem = results_stem(args)
+    path = stem + ".md"
     with open(path, "w") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(RESULTS, "adaptation.json"), "w") as f:
-        json.dump({"sizes": sizes, "args": vars(args), "methods": {m.name: m.runs for m in all_methods}}, f,
-                  indent=2)
-    plot(all_methods, os.path.join(RESULTS, "adaptation.png"))
+    with open(stem + ".json", "w") as f:
+        json.dump({"sizes": sizes, "args": vars(args), "wall_s": wall_s,
+                   "methods": {m.name: m.runs for m in all_methods}}, f, indent=2)
+    plot(all_methods, stem + ".png")
     return path
 
 
@@ -177,24 +184,47 @@ def plot(all_methods: list[Method], path: str) -> None:
     plt.close(fig)
 
 
+SETTINGS = ("source_train", "target_train", "test", "epochs", "adapt_epochs", "batch_size", "lr", "nu",
+            "confusion_weight")
+
+
+def resume(all_methods: list[Method], args, sizes: dict) -> None:
+    """Take over the runs of an earlier, interrupted benchmark with the same settings."""
+    path = results_stem(args) + ".json"
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        earlier = json.load(f)
+    if any(earlier["args"].get(k) != getattr(args, k) for k in SETTINGS) or earlier["sizes"] != sizes:
+        raise SystemExit(f"{path} was run with other settings; drop --resume")
+    for m in all_methods:
+        m.runs = [r for r in earlier["methods"].get(m.name, []) if r["seed"] in args.seeds]
+    earlier_s = earlier.get("wall_s", 0.0)
+    args.resumed_wall_s = earlier_s
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed, one epoch (a smoke run)")
     parser.add_argument("--data-root", default=os.path.join("..", "shared", "data"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--source-train", type=int, default=10000)
-    parser.add_argument("--target-train", type=int, default=10000)
-    parser.add_argument("--test", type=int, default=2000, help="MNIST-M test images (and MNIST test images / 2)")
+    parser.add_argument("--source-train", type=int, default=2000)
+    parser.add_argument("--target-train", type=int, default=2000)
+    parser.add_argument("--test", type=int, default=1000, help="MNIST-M test images (and MNIST test images / 2)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the from-scratch runs")
-    parser.add_argument("--adapt-epochs", type=int, default=2, help="epochs of the adaptation runs")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--adapt-epochs", type=int, default=1, help="epochs of the adaptation runs")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--nu", type=float, default=0.1, help="soft-label weight")
     parser.add_argument("--confusion-weight", type=float, default=1.0, help="λ of the uniform confusion loss")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget-min", type=float, default=25.0,
+                        help="start no further seed when the last seed's time would end past this budget")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs of bench/results/adaptation.json (same settings) and run missing seeds")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.source_train, args.target_train, args.test = args.seeds[:1], 1000, 1000, 500
+        args.seeds, args.source_train, args.target_train, args.test = args.seeds[:1], 500, 500, 200
         args.epochs = args.adapt_epochs = 1
     torch.set_num_threads(args.threads)
     sizes = {"source_train": args.source_train, "source_val": 500, "source_test": args.test // 2,
@@ -204,9 +234,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     sizes = {"source_train": len(source.splits["train"]), "source_test": len(source.splits["test"]),
              "target_train": len(target.splits["train"]), "target_test": len(target.splits["test"])}
     all_methods = methods(args.nu, args.confusion_weight)
+    if args.resume:
+        resume(all_methods, args, sizes)
     with tempfile.TemporaryDirectory(prefix="bench_adaptation_") as workdir:
-        for seed in args.seeds:
+        for i, seed in enumerate(args.seeds):
+            elapsed = time.perf_counter() - started
+            if i and elapsed + elapsed / i > 60 * args.budget_min:
+                print(f"stopping after {i} seed(s): another would pass the {args.budget_min} min budget")
+                args.seeds = args.seeds[:i]
+                break
             source_ckpt = None
+            if all(any(r["seed"] == seed for r in m.runs) for m in all_methods):
+                continue  # resumed
             for m in all_methods:
                 result = run_one(m, seed, source, target, args, source_ckpt, workdir)
                 source_ckpt = result.pop("checkpoint", source_ckpt)
@@ -215,6 +254,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                       f"{100 * result['target_acc']:.1f}%, source {100 * result['source_acc']:.1f}%, domain "
                       f"{100 * result['domain_acc']:.1f}% ({result['fit_s']:.0f} s)", flush=True)
             write_results(all_methods, args, sizes, time.perf_counter() - started)  # partial results per seed
+    all_methods = [m for m in all_methods if m.runs]
+    for m in all_methods:
+        m.runs = [r for r in m.runs if r["seed"] in args.seeds]
     path = write_results(all_methods, args, sizes, time.perf_counter() - started)
     print(open(path).read())
 

@@ -108,9 +108,10 @@ def test_blended_digits_are_abs_difference_with_photo_patches():
     assert dm.num_classes == 10
 
 
-def _pair(k, **kwargs) -> DomainPairDataModule:
+def _pair(k, source_per_class=None, **kwargs) -> DomainPairDataModule:
     return DomainPairDataModule(
-        source={"class_path": "tl_lightning.data.DigitsDataModule", "init_args": {"seed": 0}},
+        source={"class_path": "tl_lightning.data.DigitsDataModule",
+                "init_args": {"seed": 0, "samples_per_class": source_per_class}},
         target={"class_path": "tl_lightning.data.digits.BlendedDigitsDataModule", "init_args": {"seed": 1}},
         labelled_per_class=k, backbone="digit_cnn", num_workers=0, **kwargs)
 
@@ -222,7 +223,7 @@ def test_each_optimizer_changes_only_its_parameters(confusion, tmp_path):
 
 def test_source_stage_soft_labels_and_checkpoint_teacher(tmp_path):
     L.seed_everything(0)
-    dm = _pair(1, batch_size=64, epoch=3)
+    dm = _pair(1, source_per_class=40, batch_size=64, epoch=3)
     kwargs = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                   num_sanity_val_steps=0, limit_val_batches=1, limit_test_batches=1)
     source = DomainAdaptation(backbone="digit_cnn", mode="source_only", lr=3e-3)
@@ -239,6 +240,11 @@ def test_source_stage_soft_labels_and_checkpoint_teacher(tmp_path):
     assert torch.allclose(soft.sum(1), torch.ones(10), atol=1e-5) and (soft >= 0).all()
     assert soft.argmax(1).eq(torch.arange(10)).float().mean() >= 0.5  # a trained teacher: mostly the true class
     assert not torch.allclose(soft, torch.full_like(soft, 0.1))
+    with pytest.raises(TLError, match="cannot read source_checkpoint"):
+        adapt._load_teacher(str(tmp_path / "missing.ckpt"))
+    other = DomainAdaptation(backbone="digit_cnn", num_classes=3)
+    with pytest.raises(TLError, match="other shapes"):
+        other._load_teacher(str(ckpt))
     with pytest.raises(TLError, match="source-trained model"):
         L.Trainer(max_epochs=1, default_root_dir=tmp_path, **kwargs).fit(
             DomainAdaptation(backbone="digit_cnn", soft_label_weight=1.0), dm)
@@ -249,7 +255,8 @@ def test_offline_config_short_fit_via_cli(tmp_path):
     run_dir = tmp_path / "run"
     run_cli("fit", "--config", CONFIG, *FAST, f"--trainer.default_root_dir={run_dir}", "--trainer.max_epochs=2",
             "--model.init_args.source_pretrain_epochs=1", "--data.init_args.epoch=4",
-            "--data.init_args.num_workers=0")
+            "--data.init_args.num_workers=0", "--data.init_args.source.init_args.samples_per_class=20",
+            "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1")
     m = read_metrics(run_dir)
     metrics = m["metrics"]
     for key in ("train/loss", "train/loss_cls", "train/loss_domain", "train/loss_conf", "train/loss_soft",

@@ -281,10 +281,16 @@ def test_voc_missing_data_and_missing_test_set(tmp_path):
         VOC2007DataModule(data_dir=str(tmp_path), **SMALL).setup()
 
 
-def test_unreachable_download_is_one_sentence(tmp_path):
-    # these machines have no route to the upstream: the download attempt fails with the manual instructions
-    with pytest.raises(TLError, match=r"could not download .*by hand"):
-        CUB200DataModule(data_dir=str(tmp_path), download=True, **SMALL).setup()
+@pytest.mark.parametrize("cls", [CUB200DataModule, MNISTDataModule, VOC2007DataModule])
+def test_unreachable_download_is_one_sentence(tmp_path, monkeypatch, cls):
+    # the upstream is unreachable (a proxy on a closed local port, so the test behaves the same online):
+    # the real download code path fails with the manual instructions
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(TLError, match=r"could not download .* by hand and point --data.data_dir at it\.$"):
+        cls(data_dir=str(tmp_path), download=True, **SMALL).setup()
 
 
 # ----- through the CLI -----------------------------------------------------------------------------------------------

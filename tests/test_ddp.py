@@ -3,6 +3,7 @@ are synced across ranks, and only rank 0 writes files and logs. Each method gets
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_metrics
+from conftest import REPO, read_metrics
 
 pytestmark = pytest.mark.slow
 
 QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0")
 
 
-def fit(run_dir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def fit(run_dir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m tl_lightning fit`` in a fresh process (DDP relaunches this command line for rank 1)."""
     proc = subprocess.run([sys.executable, "-m", "tl_lightning", "fit", *args, *QUIET,
                            f"--trainer.default_root_dir={run_dir}"],
@@ -57,18 +58,21 @@ def test_feature_extraction_ddp_matches_one_process(tmp_path):
     # accuracy is the logged test/acc (torchmetrics, synced across ranks)
     confusion = json.loads((ddp_dir / "confusion_matrix.json").read_text())["matrix"]
     single_confusion = json.loads((single_dir / "confusion_matrix.json").read_text())["matrix"]
-    assert sum(map(sum, confusion)) == sum(map(sum, single_confusion)) == 360
-    assert sum(confusion[i][i] for i in range(10)) / 360 == pytest.approx(two["metrics"]["test/acc"], abs=1e-6)
+    n_test, n_ddp = sum(map(sum, single_confusion)), sum(map(sum, confusion))
+    assert n_test == 359 and n_ddp == 2 * math.ceil(n_test / 2)  # both halves (DistributedSampler pads one)
+    assert sum(confusion[i][i] for i in range(10)) / n_ddp == pytest.approx(two["metrics"]["test/acc"], abs=1e-6)
 
     # only rank 0 logs: one W&B run
     assert len(list((ddp_dir / "wandb").glob("offline-run-*"))) == 1
 
 
+# FineTune under DDP (frozen stages, the unfreeze, rank 0's broadcast head) has its own test:
+# tests/test_finetune.py::test_ddp_two_cpu_processes_freeze_unfreeze
 METHOD_RUNS = {
-    "FineTune": ("tl_lightning/methods/finetune.py", "configs/finetune/quickstart.yaml",
-                 ("--data.image_size=32", "--trainer.max_epochs=2", "--model.scheduler.init_args.T_max=2")),
     "DomainAdaptation": ("tl_lightning/methods/adaptation.py", "configs/adaptation/digits_offline.yaml",
-                         ("--trainer.max_epochs=3", "--model.source_pretrain_epochs=1")),
+                         # the adaptation steps (paired source/target loaders, two optimizers); the source
+                         # pre-training stage, a loop of its own in on_train_start, is left out here
+                         ("--trainer.max_epochs=2", "--model.source_pretrain_epochs=0", "--model.soft_label_weight=0")),
     "ICaRL": ("tl_lightning/methods/incremental.py", "configs/incremental/digits_offline.yaml",
               ("--model.epochs_per_task=1",)),
 }
@@ -84,3 +88,5 @@ def test_method_runs_with_two_processes(method, tmp_path):
     metrics = assert_two_ranks_one_writer(proc, run_dir)
     assert any(k.startswith("test/") for k in metrics["metrics"])
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    if method == "ICaRL":  # every task ran, and the exemplar memory holds exactly its budget (K = 200)
+        assert metrics["incremental"]["tasks_finished"] == 5 and metrics["incremental"]["exemplars"] == 200

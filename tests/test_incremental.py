@@ -19,14 +19,14 @@ from tl_lightning.methods import ICaRL
 from tl_lightning.methods.exemplars import ExemplarMemory, class_means, herding_order, nme_scores
 from tl_lightning.methods.incremental_metrics import forgetting, summarize
 
-# 6 digit classes as 3 tasks of 2, 30 training images per class, 2 epochs per task
+# 6 digit classes as 3 tasks of 2, 20 training images per class, 2 epochs per task
 DIGITS = (
     "--model=tl_lightning.methods.ICaRL", "--model.backbone=digit_cnn", "--model.weights=none",
     "--model.epochs_per_task=2", "--model.memory_budget=40", "--model.flip_nme=false", "--model.lr=0.003",
     "--data=tl_lightning.data.incremental.ClassIncrementalDataModule",
-    "--data.dataset=tl_lightning.data.DigitsDataModule", "--data.dataset.init_args.samples_per_class=30",
+    "--data.dataset=tl_lightning.data.DigitsDataModule", "--data.dataset.init_args.samples_per_class=20",
     "--data.dataset.init_args.num_workers=0", "--data.dataset.init_args.batch_size=32",
-    "--data.classes_per_task=2", "--data.class_order=[5,3,8,0,1,7]", "--data.eval_samples_per_class=12",
+    "--data.classes_per_task=2", "--data.class_order=[5,3,8,0,1,7]", "--data.eval_samples_per_class=10",
     "--test_after_fit=false",
 )
 
@@ -130,7 +130,8 @@ def test_distillation_targets_come_from_the_frozen_previous_model():
     with torch.no_grad():
         old = previous(x)[:, :2]
     soft = F.softmax(old / 2, 1)
-    manual = F.cross_entropy(logits.detach(), y) + 4 * -(soft * F.log_softmax(logits.detach()[:, :2] / 2, 1)).sum(1).mean()
+    kd_term = -(soft * F.log_softmax(logits.detach()[:, :2] / 2, 1)).sum(1).mean()
+    manual = F.cross_entropy(logits.detach(), y) + 4 * kd_term
     assert torch.allclose(kd, manual, atol=1e-5)
     assert torch.allclose(distillation_loss(old, old, 2.0), 4 * -(soft * soft.log()).sum(1).mean(), atol=1e-5)
     assert icarl_loss(logits, y, None, 0).item() == pytest.approx(
@@ -203,7 +204,7 @@ def test_one_fit_runs_every_task_with_fresh_optimizers_and_replay(tmp_path):
     dm = ClassIncrementalDataModule(DigitsDataModule(num_workers=0, samples_per_class=20, batch_size=32),
                                     classes_per_task=2, class_order=[5, 3, 8, 0, 1, 7], eval_samples_per_class=10,
                                     backbone="digit_cnn")
-    model = ICaRL(backbone="digit_cnn", weights="none", epochs_per_task=2, memory_budget=12, flip_nme=False,
+    model = ICaRL(backbone="digit_cnn", weights="none", epochs_per_task=2, memory_budget=12, flip_nme=True,
                   num_classes=dm.num_classes, class_names=dm.class_names)
     recorder = _TaskRecorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -244,6 +245,13 @@ def test_cli_fit_stops_mid_sequence_and_resumes_in_the_same_task(tmp_path):
     assert len(state["rows"]["cnn"]) == 1 and state["previous_model"] is not None
     assert ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 3
 
+    # resume up to the end of task 2: that checkpoint is written after the task's end (memory of 4 classes)
+    run_cli("fit", *DIGITS, *FAST, f"--trainer.default_root_dir={run}", f"--ckpt_path={last}",
+            "--trainer.max_epochs=4")
+    boundary = torch.load(last, map_location="cpu", weights_only=False)
+    assert boundary["icarl"]["finished"] == 2 and boundary["icarl"]["fresh_optimizer"] is True
+    assert sorted(boundary["icarl"]["memory"]["exemplars"]) == [0, 1, 2, 3]
+
     run_cli("fit", *DIGITS, *FAST, f"--trainer.default_root_dir={run}", f"--ckpt_path={last}")
     metrics = read_metrics(run)
     inc = metrics["incremental"]
@@ -251,12 +259,32 @@ def test_cli_fit_stops_mid_sequence_and_resumes_in_the_same_task(tmp_path):
     assert metrics["epochs"] == 6
     # task 1's evaluation and exemplars come from the checkpoint: the same numbers, the memory a prefix of it
     assert inc["cnn"]["accuracy_matrix"][0] == state["rows"]["cnn"][0]
-    final = torch.load(last, map_location="cpu", weights_only=False)["icarl"]["memory"]["exemplars"]
+    end = torch.load(last, map_location="cpu", weights_only=False)
+    # task 3 started with a fresh optimizer: its step count is task 3's steps only, not tasks 1-3's
+    adam_steps = {int(s["step"]) for s in end["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {end["global_step"] - boundary["global_step"]}
+    final = end["icarl"]["memory"]["exemplars"]
     for c in (0, 1):
         saved = state["memory"]["exemplars"][c]
         assert len(final[c]) < len(saved) and final[c] == saved[: len(final[c])]
     assert sum(len(v) for v in final.values()) <= 40
     assert (run / "accuracy_matrix.png").exists() and (run / "incremental_accuracy.png").exists()
+
+    # a run killed after task 2's last epoch but before its end-of-task step (the iCaRL state still says task 2
+    # is in progress) does that step first on resume: the same weights give the same exemplars and accuracies
+    pre_end = dict(boundary, icarl=dict(state, fresh_optimizer=False))
+    torch.save(pre_end, tmp_path / "pre_end.ckpt")
+    other = tmp_path / "caught_up"
+    run_cli("fit", *DIGITS, *FAST, f"--trainer.default_root_dir={other}", f"--ckpt_path={tmp_path / 'pre_end.ckpt'}")
+    caught = torch.load(other / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert caught["icarl"]["rows"]["cnn"][1] == boundary["icarl"]["rows"]["cnn"][1]
+    assert caught["icarl"]["rows"]["nme"][1] == boundary["icarl"]["rows"]["nme"][1]
+    for c in (2, 3):
+        herded = boundary["icarl"]["memory"]["exemplars"][c]
+        kept = caught["icarl"]["memory"]["exemplars"][c]
+        assert kept == herded[: len(kept)]
+    adam_steps = {int(s["step"]) for s in caught["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {caught["global_step"] - boundary["global_step"]}
 
 
 def test_cli_rejects_a_plain_datamodule(tmp_path, capsys):
@@ -266,3 +294,31 @@ def test_cli_rejects_a_plain_datamodule(tmp_path, capsys):
                 f"--trainer.default_root_dir={tmp_path}")
     assert err.value.code == 2
     assert "class-incremental DataModule" in capsys.readouterr().err
+
+
+def test_transfer_preset_with_a_frozen_backbone_and_cached_features(tmp_path):
+    # the CUB/Flowers configs freeze the bundled Lite0; here the small digit CNN keeps the test fast on a CPU
+    torch.manual_seed(0)
+    dm = ClassIncrementalDataModule(DigitsDataModule(num_workers=0, samples_per_class=15, batch_size=32),
+                                    classes_per_task=2, class_order=[0, 1, 2, 3], backbone="digit_cnn")
+    model = ICaRL(backbone="digit_cnn", weights="none", freeze_backbone=True, neck_dim=32,
+                  preset="transfer", epochs_per_task=2, memory_budget=10, num_classes=dm.num_classes,
+                  cache_dir=str(tmp_path / "cache"))
+    assert model.loss_name == "kd" and not model.flip_nme and model.feature_cache.enabled
+    before = {k: v.clone() for k, v in model.net.backbone.state_dict().items()}
+    inputs = []
+
+    class Inputs(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            inputs.append(batch[0].ndim)
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Inputs()],
+                        default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=dm)
+    assert set(inputs) == {2}  # training read cached backbone features, not images
+    assert list((tmp_path / "cache" / "features").glob("*.pt"))
+    after = model.net.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # frozen, BatchNorm statistics included
+    res = model.results()["incremental"]
+    assert len(res["nme"]["accuracy_matrix"]) == 2 and len(res["cnn"]["seen_accuracy"]) == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, read_metrics
+from conftest import REPO, read_metrics
 from tl_lightning import slurm
 from tl_lightning.errors import TLError
 

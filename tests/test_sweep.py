@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, read_metrics, run_cli
+from conftest import REPO, read_metrics, run_cli
 from tl_lightning import sweep
 from tl_lightning.errors import TLError
 

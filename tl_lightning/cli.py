@@ -94,6 +94,14 @@ class TLCLI(LightningCLI):
             config.trainer.default_root_dir = os.path.join("runs", name)
         place_loggers_in_run_dir(config.trainer)
 
+    def instantiate_trainer(self, **kwargs):
+        strategy = self._get(self.config_init, "trainer", default={}).get("strategy")
+        if strategy == "ddp" and not getattr(self.model, "automatic_optimization", True):
+            # manual optimisation steps parts of the model on their own (e.g. a domain classifier on detached
+            # features), so a backward pass may leave parameters without gradients: DDP must expect that
+            kwargs.setdefault("strategy", "ddp_find_unused_parameters_true")
+        return super().instantiate_trainer(**kwargs)
+
     # ----- results -----------------------------------------------------------------------------------------
     def _results_writer(self) -> Optional[ResultsWriter]:
         return next((c for c in self.trainer.callbacks if isinstance(c, ResultsWriter)), None)

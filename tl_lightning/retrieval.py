@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -168,7 +169,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args, rest = build_parser().parse_known_args(argv)
     if args.k < 1 or args.num_queries < 1:
         raise TLError("--k and --num_queries must be at least 1.")
-    cli = run_cli(rest, run=False)
+    with warnings.catch_warnings():  # argv is handed on on purpose, not mixed up with sys.argv
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = run_cli(rest, run=False)
     model, dm = cli.model, cli.datamodule
     if not isinstance(model, FeatureExtraction):
         raise TLError(f"retrieve needs a FeatureExtraction model (model.class_path); the config gives "

@@ -4,7 +4,7 @@ Each view is a fixed transform applied after the data module's eval transform, s
 ``SampleSet`` fingerprint and its features are cached separately. The views, in the order they are used:
 
 * with horizontal flips (photos): full, full flipped, then five crops (center, top-left, top-right,
-  bottom-left, bottom-right) and the five crops flipped - 12 at most;
+  bottom-left, bottom-right) each followed by its mirror image - 12 at most (4 = full and center, both flipped);
 * without flips (data modules with ``hflip = 0``, e.g. digits): full and the five crops - 6 at most.
 
 A crop keeps ``crop`` of the image side and is resized back to the input size.
@@ -53,7 +53,7 @@ def view_specs(flips: bool) -> list[tuple[str, bool]]:
     """(position, flip) of every available view, in order of use."""
     if not flips:
         return [("full", False)] + [(c, False) for c in CROPS]
-    return [("full", False), ("full", True)] + [(c, False) for c in CROPS] + [(c, True) for c in CROPS]
+    return [(position, flip) for position in ("full",) + CROPS for flip in (False, True)]
 
 
 def view_transforms(base: Optional[Callable], views: int, flips: bool, crop: float = 0.875) -> list[Callable]:

@@ -70,6 +70,7 @@ class ResultsWriter(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # setup runs before a resumed fit restores the history (load_state_dict); on_fit_start runs after it
+        self._stage = stage
         if stage == "fit":
             self.history = []
 
@@ -84,7 +85,9 @@ class ResultsWriter(L.Callback):
         return {"history": self.history}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.history = list(state_dict.get("history", []))
+        # only a resumed fit continues the history; testing the best checkpoint after fit keeps the full one
+        if getattr(self, "_stage", "fit") == "fit":
+            self.history = list(state_dict.get("history", []))
 
     def write(self, trainer: "L.Trainer", command: str, metrics: dict, config_path: Optional[str],
               wall_time_s: float, extra: Optional[dict] = None) -> Optional[str]:

@@ -152,6 +152,10 @@ class DomainPairDataModule(L.LightningDataModule):
         return self.source.multilabel
 
     # ----- splits ------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.source.prepare_data()
+        self.target.prepare_data()
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:
             return

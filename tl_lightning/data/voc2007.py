@@ -88,7 +88,7 @@ class VOC2007DataModule(TLDataModule):
         return VOC_CLASSES
 
     def prepare_data(self) -> None:
-        self.root
+        _ = self.root  # finds the devkit folder, downloading it first when asked to
 
     @functools.cached_property
     def root(self) -> str:

@@ -22,7 +22,7 @@ Baselines from the same module: ``mode: source_only`` (L_C on the source alone) 
 
 Logged: ``train/loss`` and every term (``loss_cls``, ``loss_domain``, ``loss_conf``, ``loss_soft``),
 ``train/lambda``, ``train/{source,target}_acc``, ``train/domain_acc``; ``{val,test}/{target,source}_acc`` and
-``{val,test}/domain_acc`` (about 50% when confusion works). The best checkpoint follows ``val/target_acc``.
+``{val,test}/domain_acc`` (balanced over the domains: about 50% when confusion works). The best checkpoint follows ``val/target_acc``.
 """
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ class DomainAdaptation(TransferModule):
         self.eval_metrics = nn.ModuleDict({
             f"{stage}_{domain}": build_metrics(self.num_classes, self.multilabel).clone(prefix=f"{stage}/{domain}_")
             for stage in ("val", "test") for domain in EVAL_DOMAINS})
-        self.domain_metrics = nn.ModuleDict({stage: MulticlassAccuracy(num_classes=2, average="micro")
+        # balanced over the two domains (mean of per-domain recall): 50% when the domains are confused
+        self.domain_metrics = nn.ModuleDict({stage: MulticlassAccuracy(num_classes=2, average="macro")
                                              for stage in ("val", "test")})
         self.pretrain_history: list[float] = []
 
@@ -207,7 +208,11 @@ class DomainAdaptation(TransferModule):
         if missing:
             raise TLError(f"checkpoint '{path}' does not hold this model's weights ({missing[0]} is missing); "
                           "use a checkpoint of a DomainAdaptation source_only run with the same backbone.")
-        teacher.load_state_dict({dst: state[src] for dst, src in wanted.items()})
+        try:
+            teacher.load_state_dict({dst: state[src] for dst, src in wanted.items()})
+        except RuntimeError as e:
+            raise TLError(f"checkpoint '{path}' has other shapes than this model (another backbone or class "
+                          "count?); use a source_only run of the same configuration.") from e
         return teacher.to(self.device)
 
     @torch.no_grad()

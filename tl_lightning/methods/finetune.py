@@ -127,9 +127,8 @@ class FineTune(TransferModule):
         for name, module in self.named_modules():
             if not isinstance(module, _BatchNorm) or not name.startswith("backbone."):
                 continue
-            group = owner.get(f"{name}.weight") or next(
-                (owner[p] for p in owner if p.startswith(f"{name}.")),
-                max(self.groups, key=lambda g: max(len(_common_prefix(name, p)) for p in self.groups[g])))
+            # an affine BatchNorm belongs to its weight's group; one without parameters to the closest name
+            group = owner.get(f"{name}.weight") or owner[max(owner, key=lambda p: len(_common_prefix(name, p)))]
             out.append((name, group))
         return out
 
@@ -160,7 +159,7 @@ class FineTune(TransferModule):
     def train(self, mode: bool = True):
         super().train(mode)
         if mode and not self.train_bn:
-            for name, group in self._bn_groups:
+            for name, group in getattr(self, "_bn_groups", ()):
                 if group not in self.trainable:
                     self.get_submodule(name).eval()  # frozen statistics stay as pretrained
         return self

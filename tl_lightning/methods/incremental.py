@@ -274,10 +274,9 @@ class ICaRL(TransferModule):
         """NME class means over each class's exemplars (None while a seen class has no exemplar)."""
         if any(len(self.memory.exemplars.get(c, ())) == 0 for c in range(seen)):
             return None
-        train = self.dm.full_split("train", deterministic=True)
-        feats, labels = self._embed_all("train", train.subset(self.memory.positions(list(range(seen)))))
-        flipped = self._embed_all("train", train.subset(self.memory.positions(list(range(seen)))), flip=True)[0] \
-            if self.flip_nme else None
+        exemplars = self.dm.full_split("train", deterministic=True).subset(self.memory.positions(list(range(seen))))
+        feats, labels = self._embed_all("train", exemplars)
+        flipped = self._embed_all("train", exemplars, flip=True)[0] if self.flip_nme else None
         return class_means(feats, labels, self.num_classes, flipped)
 
     def _evaluate(self, task: int, means: Optional[torch.Tensor]) -> tuple[dict, dict]:
@@ -393,11 +392,11 @@ class ICaRL(TransferModule):
         seen = self.dm.seen_classes(self.task)
         feats = self.net.embed(x)
         logits = self.net.head(feats)
-        self.log(f"{stage}/loss", F.cross_entropy(logits[:, :seen], y), on_step=False, on_epoch=True)
+        self.log(f"{stage}/loss", F.cross_entropy(logits[:, :seen], y), on_step=False, on_epoch=True, sync_dist=True)
         self.log_metrics(stage, self._seen_logits(logits, seen), y)
         if stage == "test" and self.means is not None:
             nme = (nme_scores(feats, self.means[:seen]).argmax(1) == y).float().mean()
-            self.log("test/nme_acc", nme, on_step=False, on_epoch=True, batch_size=len(y))
+            self.log("test/nme_acc", nme, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -422,8 +421,18 @@ class ICaRL(TransferModule):
             "seen_acc": self.seen_acc,
             "classes_seen": self.classes_seen,
             "class_order": self.class_order,
-            "previous_model": None if self.previous_model is None else self.previous_model.state_dict(),
+            "previous_model": self._previous_state(),
+            # a task ended but the next one has not started: its optimizer must still be replaced on resume
+            "fresh_optimizer": self._fresh_optimizer,
         }
+
+    def _previous_state(self) -> Optional[dict]:
+        if self.previous_model is None:
+            return None
+        state = self.previous_model.state_dict()
+        if self.freeze_backbone:
+            state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+        return state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get(STATE_KEY)
@@ -438,10 +447,11 @@ class ICaRL(TransferModule):
         self.class_order = list(state["class_order"])
         self._previous = []
         if state["previous_model"] is not None:
-            previous = copy.deepcopy(self.net).eval()
-            previous.load_state_dict(state["previous_model"])
+            previous = copy.deepcopy(self.net).eval()  # a frozen backbone is the same in both: not saved twice
+            previous.load_state_dict(state["previous_model"], strict=not self.freeze_backbone)
             previous.requires_grad_(False)
             self._previous = [previous]
+        self._fresh_optimizer = bool(state.get("fresh_optimizer", False))
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
         self._resume_epoch = int(progress.get("processed", checkpoint.get("epoch", 0)))
         if self.means is not None:

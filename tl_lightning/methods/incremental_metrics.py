@@ -33,7 +33,8 @@ def summarize(matrix: list[list[Optional[float]]], seen_accuracy: list[Optional[
 
 
 def flat_metrics(summary: dict, prefix: str = "incremental") -> dict[str, float]:
-    """Scalars of ``summary`` (``{classifier: summarize(...)}``) for a logger, e.g. ``incremental/nme/last_accuracy``."""
+    """Scalars of ``summary`` (``{classifier: summarize(...)}``) for a logger, e.g.
+    ``incremental/nme/last_accuracy``."""
     out = {}
     for clf, s in summary.items():
         for key in ("average_incremental_accuracy", "last_accuracy", "forgetting"):
