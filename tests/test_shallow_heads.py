@@ -215,3 +215,21 @@ def test_view_transforms_crop_and_flip():
                                                align_corners=False, antialias=True)[0]
     assert torch.allclose(top_left, expected)
     assert "top_left" in repr(ViewTransform("top_left")) and repr(ViewTransform("center")) != repr(ViewTransform("top_left"))
+
+
+@pytest.mark.parametrize("head", ["svm", "logistic"])
+def test_fitted_heads_on_multilabel_voc_report_map(tmp_path, head):
+    from fixtures.datasets import random_voc_objects, write_voc2007
+
+    objects = random_voc_objects(36, seed=1)
+    ids = sorted(objects)
+    write_voc2007(tmp_path / "voc", objects=objects, sets={"train": ids[:20], "val": ids[20:28], "test": ids[28:]})
+    run_dir = tmp_path / "run"
+    run_cli("fit", "--model=tl_lightning.methods.FeatureExtraction", f"--model.head={head}",
+            "--model.reg_grid=[1.0e-3, 1.0]", "--data=tl_lightning.data.voc2007.VOC2007DataModule",
+            f"--data.data_dir={tmp_path / 'voc'}", f"--trainer.default_root_dir={run_dir}", *FAST, *SMALL)
+    metrics = read_metrics(run_dir)
+    assert 0 <= metrics["metrics"]["test/mAP"] <= 1 and "test/acc" not in metrics["metrics"]
+    assert metrics["head_fit"]["head"] == head and metrics["epochs"] == 1
+    if head == "logistic":
+        assert len(metrics["head_fit"]["val_scores"]) == 2

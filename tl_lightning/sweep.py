@@ -116,7 +116,7 @@ def load_sweep(path: str) -> dict:
     if errors:
         raise TLError(f"invalid sweep file '{path}': " + "; ".join(errors) + " (see the W&B sweep configuration docs).")
     command = config.get("command")
-    if command is not None and "${args}" not in command and "${args_no_hyphens}" not in command:
+    if command is not None and not any(str(c).startswith("${args") for c in command):
         raise TLError(f"the command of sweep file '{path}' has no ${{args}}; the trials would not get their "
                       "parameters. Add ${args} to command.")
     if config["method"] == "bayes" and "metric" not in config:
@@ -146,6 +146,7 @@ def trial_command(config: dict, params: dict, run_dir: str) -> list[str]:
     macros.update(env=["/usr/bin/env"], interpreter=["python"], program=[str(config.get("program", ""))])
     if "${args_json_file}" in command:
         path = os.path.join(run_dir, "args.json")
+        os.makedirs(run_dir, exist_ok=True)
         with open(path, "w") as f:
             f.write(macros["args_json"][0])
         macros["args_json_file"] = [path]

@@ -13,6 +13,7 @@ not regularised. Multi-label targets are {0, 1} vectors with -1 marking labels t
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -61,7 +62,8 @@ def score(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, multila
     """The task metric of ``TransferModule`` (accuracy, or macro mAP for multi-label) on one set."""
     metric = build_metrics(num_classes, multilabel)
     metric.update(logits.float(), targets.long() if multilabel else targets)
-    return float(next(iter(metric.compute().values())))
+    value = float(next(iter(metric.compute().values())))
+    return value if math.isfinite(value) else 0.0  # e.g. mAP of a split without any positive label
 
 
 def _lbfgs(objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], weight: torch.Tensor,
