@@ -18,7 +18,7 @@ quickstart: install
 	$(BIN)/python -m tl_lightning fit --config configs/quickstart.yaml
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 --timeout=1200 tests
 
 bench: install
 	$(BIN)/python -m bench

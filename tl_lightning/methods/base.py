@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -58,6 +59,8 @@ class TransferModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: Optional[LRSchedulerCallable] = None,
         scheduler_interval: str = "epoch",
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         """
         Args:
@@ -69,6 +72,9 @@ class TransferModule(L.LightningModule):
             optimizer: any torch optimizer, e.g. ``{class_path: torch.optim.SGD, init_args: {momentum: 0.9}}``.
             scheduler: any torch LR scheduler, e.g. ``{class_path: torch.optim.lr_scheduler.CosineAnnealingLR}``.
             scheduler_interval: ``epoch`` or ``step``.
+            channels_last: NHWC memory layout for the backbone and the image batches (faster convolutions with
+                mixed precision on GPUs and on recent CPUs).
+            compile: ``torch.compile`` the backbone (in place; checkpoints keep their parameter names).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -80,9 +86,34 @@ class TransferModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
+        self.channels_last = channels_last
+        self.compile_backbone = compile  # not ``self.compile``: that is nn.Module's method
         # keys "<stage>_" because nn.Module already owns the attribute "train"
         self.metrics = nn.ModuleDict({f"{s}_": build_metrics(num_classes, multilabel).clone(prefix=f"{s}/")
                                       for s in STAGES})
+
+    # ----- speed switches ------------------------------------------------------------------------------
+    def backbone_module(self) -> Optional[nn.Module]:
+        """The module the speed switches apply to: by default the child module that holds the timm model (one with
+        a ``pretrained_cfg``), i.e. what the method calls: ``backbone``, ``extractor``, ``features``, ``net``...
+        A method whose backbone is found otherwise overrides this."""
+        return next((child for _, child in self.named_children()
+                     if any(hasattr(m, "pretrained_cfg") for m in child.modules())), None)
+
+    def configure_model(self) -> None:
+        backbone = self.backbone_module()
+        if backbone is None:
+            return
+        if self.channels_last:
+            backbone.to(memory_format=torch.channels_last)
+        if self.compile_backbone and not getattr(backbone, "_compiled_call_impl", None):
+            backbone.compile()  # in place: the state dict keeps its keys
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if not self.channels_last:
+            return batch
+        return apply_to_collection(batch, torch.Tensor,
+                                   lambda t: t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t)
 
     # ----- metrics ---------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,95 @@
+"""Regression guard (issue 8): a training step does one backbone forward per batch (none on cached features) and
+no host-device synchronisation (``.item()``, ``float(t)``, ``.cpu()``...). Untimed: it counts the work itself."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from tl_lightning.callbacks.step_probe import StepProbe, SyncCounter
+from tl_lightning.data import DigitsDataModule
+from tl_lightning.methods import FeatureExtraction, FineTune
+
+STEPS = 3
+
+
+def digits(augment: bool) -> DigitsDataModule:
+    return DigitsDataModule(batch_size=16, image_size=32, samples_per_class=6, num_workers=0, augment=augment,
+                            val_fraction=0.1, test_fraction=0.1, seed=0)
+
+
+def probe_fit(model: L.LightningModule, dm: DigitsDataModule) -> list[dict]:
+    """Fit ``STEPS`` training batches in a real Trainer and return the probe's per-batch records."""
+    probe = StepProbe()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=STEPS, limit_val_batches=1, num_sanity_val_steps=0,
+                        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[probe])
+    trainer.fit(model, datamodule=dm)
+    assert len(probe.steps) == STEPS
+    return probe.steps
+
+
+def finetune(**kw) -> FineTune:
+    return FineTune(backbone="digit_cnn", weights="none", unfreeze="no_freeze", num_classes=10, **kw)
+
+
+def feature_extraction(tmp_path, cache: bool) -> FeatureExtraction:
+    return FeatureExtraction(backbone="digit_cnn", weights="none", embedding="penultimate", num_classes=10,
+                             cache=cache, cache_dir=str(tmp_path / "features"))
+
+
+def test_sync_counter_sees_every_host_conversion():
+    t = torch.arange(4.0)
+    with SyncCounter() as counter:
+        t.sum().item(), float(t.max()), int(t.min()), t.cpu(), t.tolist(), bool(t.any())
+        t * 2 + 1  # device-side work is not a sync
+    assert counter.calls == {"item": 1, "__float__": 1, "__int__": 1, "cpu": 1, "tolist": 1, "__bool__": 1}
+
+
+def test_finetune_step_one_forward_and_no_sync():
+    steps = probe_fit(finetune(), digits(augment=True))
+    assert [s["forwards"] for s in steps] == [1] * STEPS
+    assert [dict(s["syncs"]) for s in steps] == [{}] * STEPS
+
+
+@pytest.mark.parametrize("augment, forwards", [(False, 0), (True, 1)])
+def test_feature_extraction_step_forwards_and_no_sync(tmp_path, augment, forwards):
+    """Fixed inputs: cached features are served (no backbone in the step); augmented ones: one forward a batch."""
+    steps = probe_fit(feature_extraction(tmp_path, cache=True), digits(augment=augment))
+    assert [s["forwards"] for s in steps] == [forwards] * STEPS
+    assert [dict(s["syncs"]) for s in steps] == [{}] * STEPS
+
+
+class WastefulFineTune(FineTune):
+    """A step that runs the backbone twice and reads the loss on the host: what the guard must catch."""
+
+    def training_step(self, batch, batch_idx):
+        self.backbone(batch[0])
+        loss = super().training_step(batch, batch_idx)
+        self.print_loss = loss.item()
+        return loss
+
+
+def test_guard_catches_extra_forward_and_sync():
+    steps = probe_fit(WastefulFineTune(backbone="digit_cnn", weights="none", unfreeze="no_freeze", num_classes=10),
+                      digits(augment=True))
+    assert [s["forwards"] for s in steps] == [2] * STEPS
+    assert all(s["syncs"]["item"] == 1 for s in steps)
+
+
+def test_speed_switches_channels_last(tmp_path):
+    """``channels_last`` puts the backbone's conv weights and the image batches in NHWC; training still works."""
+    model = finetune(channels_last=True)
+    seen = []
+
+    class Layout(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch[0].is_contiguous(memory_format=torch.channels_last))
+
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, accelerator="cpu", devices=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Layout()])
+    trainer.fit(model, datamodule=digits(augment=True))
+    assert seen == [True, True]
+    assert model.backbone.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.backbone_module() is model.backbone
