@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, model_args in ROWS:
             start = time.perf_counter()
-            m = run_row(model_args, args, Path(tmp) / name.split()[0], str(Path(tmp) / "cache"))
+            m = run_row(model_args, args, Path(tmp) / f"row{len(rows)}", str(Path(tmp) / "cache"))
             rows.append((name, m["metrics"]["test/acc"], time.perf_counter() - start))
     lines = [
         "# Feature extraction on the real CUB-200-2011 subset (10 classes)",

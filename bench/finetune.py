@@ -83,6 +83,10 @@ def run_recipe(name: str, model_class: str, model_args: dict, args, index: int) 
     config.write_text(config_yaml(model_class, model_args, args, run_dir))
     print(f"\n=== {name}", flush=True)
     main(["fit", "--config", str(config)])
+    return read_row(name, run_dir)
+
+
+def read_row(name: str, run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {"name": name, "test_acc": metrics["metrics"].get("test/acc"),
             "best_val_acc": metrics.get("best_score"), "wall_s": metrics["wall_time_s"],
@@ -95,8 +99,9 @@ def write_table(rows: list[dict], args, path: Path) -> str:
                 f"{args.epochs} epochs for every row, batch 32, AdamW (weight decay 1e-4) with a cosine schedule, "
                 f"head lr {HEAD_LR:g}, no augmentation, "
                 f"{'all' if not args.samples_per_class else args.samples_per_class} training images per class, "
-                f"{os.cpu_count()} CPU cores shared with other jobs, seed 0. Wall time = fit + test of the "
-                "best checkpoint; every row is its own CLI run, all rows measured side by side in one process.")
+                f"{os.cpu_count()} CPU cores shared with other jobs (wall times are inflated by that load and "
+                "only roughly comparable), seed 0. Wall time = fit + test of the best checkpoint; every row is "
+                "its own CLI run, all rows measured side by side in one process.")
     lines = [f"Settings: {settings}", "",
              "| recipe | test acc | best val acc | wall time (s) | time vs. linear probe |",
              "|---|---|---|---|---|"]
@@ -137,6 +142,8 @@ def main(argv=None) -> None:
     parser.add_argument("--image_size", type=int, default=None)
     parser.add_argument("--samples_per_class", type=int, default=None)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--collect", action="store_true",
+                        help="only rebuild the table from the rows of an earlier (possibly interrupted) run")
     args = parser.parse_args(argv)
     args.epochs = args.epochs or (2 if args.quick else 5)
     args.image_size = args.image_size or (64 if args.quick else 128)
@@ -147,10 +154,31 @@ def main(argv=None) -> None:
                          "(the folder that holds CUB_200_2011/).")
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TL_LIGHTNING_CACHE", tempfile.mkdtemp(prefix="bench_finetune_cache_"))  # cold cache
-    rows = [run_recipe(name, cls, model_args, args, i) for i, (name, cls, model_args) in enumerate(recipes(args.epochs))]
+    rows = []
+    for i, (name, cls, model_args) in enumerate(recipes(args.epochs)):
+        if args.collect:
+            if finished_with(RUNS / f"{i}", config_yaml(cls, model_args, args, RUNS / f"{i}")):
+                rows.append(read_row(name, RUNS / f"{i}"))
+        else:
+            rows.append(run_recipe(name, cls, model_args, args, i))
+        if rows:
+            missing = [n for n, _, _ in recipes(args.epochs) if n not in {r["name"] for r in rows}]
+            report(rows, args, missing)
+
+
+def finished_with(run_dir: Path, config: str) -> bool:
+    """True when ``run_dir`` holds a finished row that ran with exactly ``config``."""
+    path = run_dir / "bench.yaml"
+    return (run_dir / "metrics.json").is_file() and path.is_file() and path.read_text() == config
+
+
+def report(rows: list[dict], args, missing: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     text = write_table(rows, args, RESULTS / f"finetune{suffix}.md")
+    if missing:
+        text += f"\nNot measured in this run (stopped for time): {'; '.join(missing)}.\n"
+        (RESULTS / f"finetune{suffix}.md").write_text(text)
     (RESULTS / f"finetune{suffix}.json").write_text(json.dumps({"rows": rows, "settings": vars(args)}, indent=2,
                                                                 default=str))
     plot(rows, RESULTS / f"finetune{suffix}.png")

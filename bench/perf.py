@@ -52,15 +52,15 @@ TIMER_ENV = "TL_BENCH_STEP_TIMER"  # where a StepTimer inside a CLI subprocess w
 class Size:
     """Problem sizes of one benchmark run."""
     backbone: str = "tf_efficientnet_lite0"
-    image_size: int = 64
+    image_size: int = 32
     batch_size: int = 32
     warmup: int = 3
-    steps: int = 20
+    steps: int = 12
     rounds: int = 3
     cache_epochs: int = 10
-    cache_per_class: int = 60
+    cache_per_class: int = 30
     natural_size: int = 128
-    loader_images: int = 512
+    loader_images: int = 256
     herd_samples: int = 6000
     herd_dim: int = 1280
     herd_budget: int = 2000
@@ -69,8 +69,8 @@ class Size:
 
 
 FULL = Size()
-QUICK = Size(steps=8, rounds=2, cache_epochs=4, cache_per_class=20, natural_size=64, loader_images=128,
-             herd_samples=1500, herd_budget=500, compile=False)
+QUICK = Size(batch_size=16, steps=6, rounds=2, cache_epochs=4, cache_per_class=10, natural_size=64,
+             loader_images=96, herd_samples=1500, herd_budget=500, compile=False)
 
 
 @dataclass
@@ -380,7 +380,9 @@ def bench_herding(size: Size) -> list[Row]:
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(size.herd_samples, size.herd_dim, generator=gen).relu()  # post-ReLU, like pooled features
     rows = []
-    for classes in (size.herd_classes, 1):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many tiny ops: extra threads only wait for each other (worse on a busy machine)
+    for classes in (size.herd_classes,):
         labels = torch.arange(size.herd_samples) % classes
         per_class = size.herd_budget // classes
 
@@ -398,7 +400,8 @@ def bench_herding(size: Size) -> list[Row]:
                         f"({classes} class(es), {per_class} each): textbook / herding_order",
                         fast, slow, "s", slow / fast, "", f"herding_order {fast:.2f} s"))
     same = torch.equal(herding_order(feats[:500], 50), torch.tensor(textbook_herding(feats[:500], 50)))
-    rows[0].note += f"; same selection as the textbook loop: {same}"
+    rows[0].note += f" (1 thread); same selection as the textbook loop: {same}"
+    torch.set_num_threads(threads)
     return rows
 
 
@@ -547,7 +550,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
     parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the in-process runs (default 1: steadier timings on a shared machine; "
+                             "0 keeps torch's default)")
     args = parser.parse_args(argv)
     only = [s for s in args.only.split(",") if s] or list(SECTIONS)
     unknown = set(only) - set(SECTIONS)

@@ -89,7 +89,8 @@ class Recorder(L.Callback):
             modes.setdefault(group, set()).add(pl_module.get_submodule(name).training)
         self.bn_training.append(modes)
         params = dict(pl_module.named_parameters())
-        self.requires_grad.append({g: {params[n].requires_grad for n in names} for g, names in pl_module.groups.items()})
+        self.requires_grad.append({g: {params[n].requires_grad for n in names}
+                                   for g, names in pl_module.groups.items()})
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.after_epoch.append(backbone_state(pl_module))

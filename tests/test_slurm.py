@@ -3,7 +3,6 @@ DDP job, which is sent SIGUSR1 mid-training, saves an hpc checkpoint, requeues i
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -26,7 +26,7 @@ SELF_LOGGED = ("features_*.png",)
 
 
 class ConfusionMatrix(L.Callback):
-    """Confusion matrix of the test split (single-label tasks), rows = true class, columns = prediction."""
+    """Confusion matrix of the (first) test split of single-label tasks: rows = true class, columns = prediction."""
 
     def __init__(self, filename: str = CONFUSION_PNG):
         self.filename = filename
@@ -48,6 +48,8 @@ class ConfusionMatrix(L.Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         logits, self._logits = self._logits, None
+        if dataloader_idx != 0:  # the primary test split only (e.g. the target domain, not the source)
+            return
         if self.matrix is None or logits is None or not isinstance(batch, (list, tuple)) or len(batch) < 2:
             return
         y = batch[1]

@@ -52,7 +52,8 @@ class UnfreezeStrategy(Callback):
     def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
         if not hasattr(pl_module, "set_trainable_groups"):
             raise TLError(f"the unfreeze strategy '{self.name}' needs a FineTune model, not "
-                          f"{pl_module.__class__.__name__}; set it as --model.unfreeze of tl_lightning.methods.FineTune.")
+                          f"{pl_module.__class__.__name__}; set it as --model.unfreeze of "
+                          "tl_lightning.methods.FineTune.")
 
     def on_train_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         names = self.trainable_groups(trainer.current_epoch, pl_module.backbone_group_names)

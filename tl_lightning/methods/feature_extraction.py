@@ -49,7 +49,7 @@ class FeatureExtraction(TransferModule):
         head: Literal["linear", "svm", "logistic"] = "linear",
         svm_c: float = 1.0,
         reg_grid: Optional[list[float]] = None,
-        lbfgs_max_iter: int = 1000,
+        lbfgs_max_iter: int = 500,
         tta_views: int = 1,
         tta_crop: float = 0.875,
         **kwargs,

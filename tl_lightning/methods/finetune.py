@@ -28,7 +28,6 @@ from collections import OrderedDict
 from typing import Optional, Union
 
 import torch
-from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tl_lightning.backbones import DEFAULT_BACKBONE, create_backbone, layer_groups

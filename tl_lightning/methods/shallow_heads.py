@@ -73,7 +73,7 @@ def _lbfgs(objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], weig
     weight = weight.clone().requires_grad_(True)
     bias = bias.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.25),
-                            tolerance_grad=tol, tolerance_change=1e-12, history_size=20,
+                            tolerance_grad=tol, tolerance_change=1e-9, history_size=20,
                             line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -114,7 +114,7 @@ def _init(x: torch.Tensor, num_classes: int, init: Optional[LinearFit]) -> tuple
 
 
 def fit_svm(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel: bool = False, C: float = 1.0,
-            max_iter: int = 1000, tol: float = 1e-7) -> LinearFit:
+            max_iter: int = 500, tol: float = 1e-5) -> LinearFit:
     """One-vs-rest linear SVM, squared hinge (Razavian et al. 2014), LIBLINEAR's primal objective with ``C``."""
     if C <= 0:
         raise TLError(f"the SVM's C must be positive (got {C}); set --model.svm_c to e.g. 1.0.")
@@ -131,7 +131,7 @@ def fit_svm(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel
 
 
 def fit_logistic(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel: bool = False,
-                 reg: float = 1e-4, max_iter: int = 1000, tol: float = 1e-7,
+                 reg: float = 1e-4, max_iter: int = 500, tol: float = 1e-5,
                  init: Optional[LinearFit] = None) -> LinearFit:
     """L2-regularised logistic regression: ``mean CE + reg/2 ||W||^2`` (multinomial, or one-vs-rest BCE)."""
     if reg < 0:
@@ -160,7 +160,7 @@ def fit_logistic(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multi
 
 def sweep_logistic(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
                    num_classes: int, multilabel: bool = False, grid: Sequence[float] = DEFAULT_REG_GRID,
-                   max_iter: int = 1000) -> Sweep:
+                   max_iter: int = 500) -> Sweep:
     """Fit one model per strength on train, score each on val, keep the best (Kornblith et al. 2019).
 
     Strengths are visited from strong to weak, each fit warm-started from the previous one (the solutions move
