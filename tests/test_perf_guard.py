@@ -93,3 +93,12 @@ def test_speed_switches_channels_last(tmp_path):
     assert seen == [True, True]
     assert model.backbone.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert model.backbone_module() is model.backbone
+
+
+def test_speed_switch_compile_compiles_the_backbone_in_place():
+    model = finetune(compile=True)
+    keys = set(model.state_dict())
+    model.configure_model()
+    assert getattr(model.backbone, "_compiled_call_impl", None) is not None
+    assert set(model.state_dict()) == keys  # checkpoints keep their parameter names
+    assert not getattr(finetune().backbone, "_compiled_call_impl", None)
