@@ -70,9 +70,9 @@ def test_feature_extraction_ddp_matches_one_process(tmp_path):
 # tests/test_finetune.py::test_ddp_two_cpu_processes_freeze_unfreeze
 METHOD_RUNS = {
     "DomainAdaptation": ("tl_lightning/methods/adaptation.py", "configs/adaptation/digits_offline.yaml",
-                         # the adaptation steps (paired source/target loaders, two optimizers); the source
-                         # pre-training stage, a loop of its own in on_train_start, is left out here
-                         ("--trainer.max_epochs=2", "--model.source_pretrain_epochs=0", "--model.soft_label_weight=0")),
+                         # the source pre-training stage (its own loop, gradient sync off, rank 0 broadcast),
+                         # soft labels, then the adaptation steps (paired loaders, two optimizers)
+                         ("--trainer.max_epochs=1", "--model.source_pretrain_epochs=1")),
     "ICaRL": ("tl_lightning/methods/incremental.py", "configs/incremental/digits_offline.yaml",
               ("--model.epochs_per_task=1",)),
 }

@@ -25,7 +25,7 @@ def cache_key(**parts) -> str:
 
 
 class FeatureCache:
-    """Tensors on disk under ``<cache_dir>/features/<key>.pt`` (plus an in-process memo)."""
+    """Tensors on disk under ``<cache_dir>/features/<key>.pt`` (plus an in-process memo by file path)."""
 
     _memo: dict[str, dict] = {}
 
@@ -39,8 +39,8 @@ class FeatureCache:
     def load(self, key: str) -> Optional[dict]:
         if not self.enabled:
             return None
-        if key in self._memo:
-            return self._memo[key]
+        if self.path(key) in self._memo:
+            return self._memo[self.path(key)]
         path = self.path(key)
         if not os.path.exists(path):
             return None
@@ -48,13 +48,13 @@ class FeatureCache:
             value = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a truncated file from a killed run: recompute
             return None
-        self._memo[key] = value
+        self._memo[self.path(key)] = value
         return value
 
     def save(self, key: str, value: dict) -> None:
         if not self.enabled:
             return
-        self._memo[key] = value
+        self._memo[self.path(key)] = value
         path = self.path(key)
         tmp = f"{path}.tmp{os.getpid()}"
         try:

@@ -114,8 +114,15 @@ def data_config(name: str = DEFAULT_BACKBONE, image_size: int | None = None) -> 
     return cfg
 
 
-def weights_id(weights: str) -> str:
-    """A stable identity of a weight source for cache keys (a file's path, size and mtime)."""
+def weights_id(weights: str, model: nn.Module | None = None) -> str:
+    """A stable identity of the weights for cache keys: the content of ``model``'s tensors when given (so a
+    random ``none`` init under another seed is a different key), else the weight file's path, size and mtime."""
+    if model is not None:
+        h = hashlib.sha1()
+        for name, tensor in model.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
     if weights == "bundled":
         path = bundled_weights_path()
     elif weights in WEIGHT_SOURCES:

@@ -26,6 +26,7 @@ Logged: ``train/loss`` and every term (``loss_cls``, ``loss_domain``, ``loss_con
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Literal, Optional
 
@@ -178,18 +179,27 @@ class DomainAdaptation(TransferModule):
         self.source_stage_done.fill_(True)
 
     def _pretrain_epoch(self) -> None:
-        """One epoch of L_C on the source alone with the model optimizer."""
+        """One epoch of L_C on the source alone with the model optimizer.
+
+        It runs outside the DDP wrapper's forward, so under DDP gradient sync is off (``no_sync``): every process
+        trains on the same source batches, and rank 0's weights are broadcast at the end to rule out drift.
+        """
         optimizer = self.optimizers()[0].optimizer
         self.train()
-        total, count = 0.0, 0
-        for x, y in self._pair().source_loader(train=True):
-            x, y = x.to(self.device), y.to(self.device)
-            loss = self.loss(self(x), y)
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
-            total, count = total + loss.item() * len(y), count + len(y)
-        self.pretrain_history.append(total / max(count, 1))
+        wrapper = self.trainer.strategy.model if self.trainer.world_size > 1 else None
+        total, count = torch.zeros((), device=self.device), 0
+        with wrapper.no_sync() if hasattr(wrapper, "no_sync") else contextlib.nullcontext():
+            for x, y in self._pair().source_loader(train=True):
+                x, y = x.to(self.device), y.to(self.device)
+                loss = self.loss(self(x), y)
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+                total, count = total + loss.detach() * len(y), count + len(y)
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            for tensor in list(self.parameters()) + list(self.buffers()):
+                torch.distributed.broadcast(tensor.data, src=0)
+        self.pretrain_history.append(float(total) / max(count, 1))
         print(f"source pre-training epoch {len(self.pretrain_history)}: loss {self.pretrain_history[-1]:.4f}")
 
     def _load_teacher(self, path: str) -> nn.Sequential:
@@ -240,7 +250,7 @@ class DomainAdaptation(TransferModule):
 
     def _log(self, name: str, value, batch_size: int) -> None:
         self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size,
-                 prog_bar=name in ("loss", "domain_acc"))
+                 prog_bar=name in ("loss", "domain_acc"), sync_dist=True)
 
     def _log_acc(self, name: str, logits: torch.Tensor, y: torch.Tensor) -> None:
         if not self.multilabel and len(y):
@@ -332,7 +342,7 @@ class DomainAdaptation(TransferModule):
         features = self.features(x)
         logits = self.classifier(features)
         self.log(f"{stage}/{domain}_loss", task_loss(logits, y, self.multilabel), on_epoch=True,
-                 add_dataloader_idx=False, batch_size=len(y))
+                 add_dataloader_idx=False, batch_size=len(y), sync_dist=True)
         metrics = self.eval_metrics[f"{stage}_{domain}"]
         metrics.update(logits, y.long() if self.multilabel else y)
         self.log_dict(metrics, on_epoch=True, add_dataloader_idx=False, prog_bar=domain == "target")

@@ -144,12 +144,17 @@ class FeatureExtraction(TransferModule):
         if dm is not None and hasattr(dm, "loader_hook"):
             dm.loader_hook = self._feature_loader
 
+    def _weights_key(self) -> str:
+        if getattr(self, "_weights_key_value", None) is None:  # the backbone is frozen: hash its tensors once
+            self._weights_key_value = weights_id(self.weights, self.extractor.model)
+        return self._weights_key_value
+
     def cached_features(self, split: str, dataset, dm=None) -> dict:
         """Features of a deterministic ``dataset`` (from the cache, or extracted once and stored).
 
         ``dm`` (the DataModule that makes the loader) defaults to the trainer's, so this also works unattached.
         """
-        key = cache_key(backbone=self.backbone_name, weights=weights_id(self.weights), layers=self.extractor.layers,
+        key = cache_key(backbone=self.backbone_name, weights=self._weights_key(), layers=self.extractor.layers,
                         dataset=dataset.fingerprint())
         dm = dm if dm is not None else self.trainer.datamodule
 
@@ -262,17 +267,10 @@ class FeatureExtraction(TransferModule):
             with torch.no_grad():
                 self.log_metrics("train", self(x), y)
             return None
-        logits = self(x)
-        loss = self.loss(logits, y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log_metrics("train", logits, y)
-        return loss
+        return self.supervised_step("train", batch)
 
     def _eval_step(self, stage: str, batch) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log(f"{stage}/loss", self.loss(logits, y), on_step=False, on_epoch=True)
-        self.log_metrics(stage, logits, y)
+        self.supervised_step(stage, batch)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch)

@@ -332,7 +332,7 @@ class ICaRL(TransferModule):
         """Backbone features of the wrapped data set's whole deterministic ``split`` (independent of the class
         order, so every order reuses them) and the source indices of their rows."""
         base = self.dm.dataset.split_dataset(split, deterministic=True)
-        key = cache_key(method="icarl", backbone=self.backbone_name, weights=weights_id(self.weights),
+        key = cache_key(method="icarl", backbone=self.backbone_name, weights=weights_id(self.weights, self.net.backbone),
                         dataset=base.fingerprint())
 
         def compute() -> dict:
