@@ -7,7 +7,8 @@ uniform small rate), and full fine-tuning with and without discriminative learni
 Each row runs through the real CLI (``fit`` + test of the best checkpoint) and reads ``metrics.json``.
 Writes ``bench/results/finetune.md`` and ``bench/results/finetune.png``.
 
-    python -m bench.finetune            # 128 px, 5 epochs, all 270 training images
+    python -m bench.finetune            # 64 px, 4 epochs, all 270 training images
+    python -m bench.finetune --image_size 128 --epochs 6   # closer to the usual setting, when time allows
     python -m bench.finetune --quick    # 64 px, 2 epochs, 5 training images per class
 """
 from __future__ import annotations
@@ -145,8 +146,8 @@ def main(argv=None) -> None:
     parser.add_argument("--collect", action="store_true",
                         help="only rebuild the table from the rows of an earlier (possibly interrupted) run")
     args = parser.parse_args(argv)
-    args.epochs = args.epochs or (2 if args.quick else 5)
-    args.image_size = args.image_size or (64 if args.quick else 128)
+    args.epochs = args.epochs or (2 if args.quick else 4)
+    args.image_size = args.image_size or 64
     if args.quick and args.samples_per_class is None:
         args.samples_per_class = 5
     if not args.data_dir.exists():
