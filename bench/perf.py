@@ -1,4 +1,4 @@
-"""Performance of tl_lightning (issue 8): every figure a ratio of two runs measured side by side in one process.
+"""Performance of tl_lightning (issue 8): every figure a ratio of two runs measured side by side in one run.
 
 Sections (``--only`` picks some):
 
@@ -18,7 +18,7 @@ Sections (``--only`` picks some):
 
 Writes ``bench/results/perf.md``, ``perf.json``, ``perf.png`` (every ratio) and ``perf_pipeline.png``.
 
-    python -m bench                      # everything, about 15 minutes on 2 busy CPU cores
+    python -m bench                      # everything: 11 minutes on 2 busy CPU cores
     python -m bench --quick              # smaller sizes, a few minutes
     python -m bench --only overhead,cache
 """

@@ -86,7 +86,11 @@ def test_missing_weight_file_and_wrong_bundled_model():
 
 
 def test_unreachable_hub_is_one_clear_sentence(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without network sees, without waiting for it
+    import huggingface_hub.constants
+
+    # what a machine without network sees, without waiting for connection time-outs (read at import time)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(TLError, match="could not fetch hub weights for 'resnet18'"):
         create_backbone("resnet18", weights="hub")
 
