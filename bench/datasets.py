@@ -175,7 +175,7 @@ def main(argv=None) -> None:
 
     # ----- 2. train-loader throughput vs backbone forward -------------------------------------------------------
     fixtures = scaled_fixtures(os.path.join(tmp, "fixtures"), args.quick)
-    _patch_mat_md5_for_fixtures()
+    patch_mat_md5_for_fixtures()
     seconds, rounds = (3.0, 1) if args.quick else (5.0, 2)
     workers = default_num_workers()
     setups = [
@@ -228,7 +228,7 @@ def main(argv=None) -> None:
     print(f"wrote {path}")
 
 
-def _patch_mat_md5_for_fixtures() -> None:
+def patch_mat_md5_for_fixtures() -> None:
     """The scaled SVHN/Flowers fixtures are not the official files, so torchvision's MD5 check is skipped for
     this benchmark's throughput runs only (the check itself is exercised in tests/test_datasets.py)."""
     import torchvision.datasets.flowers102 as flowers

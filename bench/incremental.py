@@ -175,6 +175,8 @@ def main(argv=None) -> None:
         for seed in range(args.first_seed, args.seeds):  # seed-major: a time cut still leaves every data set with whole seeds
             for data, (config, overrides, methods) in plan.items():
                 for method in methods:
+                    if args.merge and len(results[data][method]) >= args.seeds:
+                        continue  # merging fills each row up to --seeds runs
                     if time.perf_counter() - started > 60 * args.budget_min:
                         print(f"time budget reached: skipping {data} / {method} / seed {seed}", flush=True)
                         continue

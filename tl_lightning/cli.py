@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from tl_lightning.callbacks.media import ConfusionMatrix, log_run_media
 from tl_lightning.callbacks.predictions import PredictionWriter
+from tl_lightning.callbacks.requeue import SLURMRequeue
 from tl_lightning.callbacks.results import BestCheckpoint, ResultsWriter
 from tl_lightning.data.base import TLDataModule
 from tl_lightning.backbones import check_backbone_name
@@ -122,6 +123,8 @@ class TLCLI(LightningCLI):
         log_run_media(self.trainer, since=self._started_wall)
 
     def after_fit(self) -> None:
+        if any(getattr(c, "requeued", False) for c in self.trainer.callbacks):
+            return  # SLURM requeues this job; the next run resumes from the HPC checkpoint and reports
         metrics = dict(self.trainer.callback_metrics)
         if self.config[self.subcommand].get("test_after_fit", True) and not self.trainer.interrupted:
             ckpt = self.trainer.checkpoint_callback
@@ -146,7 +149,7 @@ def run_cli(args: Optional[list[str]] = None, run: bool = True) -> TLCLI:
         subclass_mode_data=True,
         save_config_callback=SaveRunConfig,
         parser_class=TLArgumentParser,
-        trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), PredictionWriter(), ConfusionMatrix()]},
+        trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), SLURMRequeue(), PredictionWriter(), ConfusionMatrix()]},
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
