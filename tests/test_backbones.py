@@ -1,7 +1,6 @@
 """Backbones: bundled ImageNet weights, weight sources, data configs and clear errors."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

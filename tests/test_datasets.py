@@ -6,7 +6,6 @@ import stat
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import FAST, read_metrics, run_cli
 from fixtures.datasets import (digit_level, write_cub, write_flowers102, write_mnist, write_mnistm,

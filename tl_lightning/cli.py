@@ -20,7 +20,6 @@ from tl_lightning.callbacks.media import ConfusionMatrix, log_run_media
 from tl_lightning.callbacks.predictions import PredictionWriter
 from tl_lightning.callbacks.requeue import SLURMRequeue
 from tl_lightning.callbacks.results import BestCheckpoint, ResultsWriter
-from tl_lightning.data.base import TLDataModule
 from tl_lightning.backbones import check_backbone_name
 from tl_lightning.errors import TLError
 from tl_lightning.loggers import place_loggers_in_run_dir

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import os
 from pathlib import Path
 
 import timm
@@ -17,7 +16,7 @@ from torch import nn
 from timm.data import resolve_data_config
 
 from tl_lightning.backbones import digit_cnn as _digit_cnn  # noqa: F401  (registers 'digit_cnn' with timm)
-from tl_lightning.backbones.bundled import BUNDLED_MODEL, bundled_weights_path, load_bundled_weights
+from tl_lightning.backbones.bundled import BUNDLED_MODEL, load_bundled_weights
 from tl_lightning.backbones.features import FeatureExtractor, layer_groups
 from tl_lightning.errors import TLError
 
@@ -114,20 +113,11 @@ def data_config(name: str = DEFAULT_BACKBONE, image_size: int | None = None) -> 
     return cfg
 
 
-def weights_id(weights: str, model: nn.Module | None = None) -> str:
-    """A stable identity of the weights for cache keys: the content of ``model``'s tensors when given (so a
-    random ``none`` init under another seed is a different key), else the weight file's path, size and mtime."""
-    if model is not None:
-        h = hashlib.sha1()
-        for name, tensor in model.state_dict().items():
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
-    if weights == "bundled":
-        path = bundled_weights_path()
-    elif weights in WEIGHT_SOURCES:
-        return weights
-    else:
-        path = weights
-    st = os.stat(path)
-    return hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+def weights_id(model: nn.Module) -> str:
+    """Identity of a backbone's weights for cache keys: a hash of its tensors (so a random ``none`` init under
+    another seed, or a changed checkpoint file, is a different key)."""
+    h = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

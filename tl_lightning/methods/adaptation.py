@@ -141,11 +141,9 @@ class DomainAdaptation(TransferModule):
 
     # ----- the source stage: pre-training and soft labels, once before adaptation -------------------------------
     def _pair(self) -> DomainPairDataModule:
-        dm = getattr(self.trainer, "datamodule", None)
-        if not isinstance(dm, DomainPairDataModule):
-            raise TLError("DomainAdaptation needs a source/target pair: use "
-                          "data.class_path: tl_lightning.data.domains.DomainPairDataModule.")
-        return dm
+        return self.required_datamodule(
+            DomainPairDataModule, "use data.class_path: tl_lightning.data.domains.DomainPairDataModule (a "
+            "source/target pair).")
 
     @property
     def uses_soft_labels(self) -> bool:

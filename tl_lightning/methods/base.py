@@ -4,7 +4,7 @@ Multi-class tasks log ``<stage>/acc``; multi-label tasks (targets in {0,1}, -1 =
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import lightning as L
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from tl_lightning.errors import TLError
 from tl_lightning.metrics import MultilabelVOCAveragePrecision
 
 STAGES = ("train", "val", "test")
@@ -114,6 +115,13 @@ class TransferModule(L.LightningModule):
             return batch
         return apply_to_collection(batch, torch.Tensor,
                                    lambda t: t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t)
+
+    def required_datamodule(self, cls: type, hint: str):
+        """The trainer's DataModule, which this method needs to be a ``cls``; else one clear sentence."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if not isinstance(dm, cls):
+            raise TLError(f"{self.__class__.__name__} needs a {cls.__name__}; {hint}")
+        return dm
 
     # ----- metrics ---------------------------------------------------------------------------------------
     @property

@@ -104,8 +104,8 @@ class FeatureExtraction(TransferModule):
         self.extractor.requires_grad_(False)
         self.extractor.eval()
         with torch.no_grad():
-            size = self.extractor.model.pretrained_cfg.get("input_size", (3, 224, 224))
-            self.feature_dim = self.extractor(torch.zeros(2, *size[:1], 32, 32)).shape[1]
+            channels = self.extractor.model.pretrained_cfg.get("input_size", (3,))[0]
+            self.feature_dim = self.extractor(torch.zeros(2, channels, 32, 32)).shape[1]
         self.head = make_head(self.feature_dim, self.num_classes, hidden_dim, dropout if head == "linear" else 0.0)
         self.register_buffer("fne_mean", torch.zeros(self.feature_dim))
         self.register_buffer("fne_std", torch.ones(self.feature_dim))
@@ -146,7 +146,7 @@ class FeatureExtraction(TransferModule):
 
     def _weights_key(self) -> str:
         if getattr(self, "_weights_key_value", None) is None:  # the backbone is frozen: hash its tensors once
-            self._weights_key_value = weights_id(self.weights, self.extractor.model)
+            self._weights_key_value = weights_id(self.extractor.model)
         return self._weights_key_value
 
     def cached_features(self, split: str, dataset, dm=None) -> dict:

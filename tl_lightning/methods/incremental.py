@@ -144,11 +144,9 @@ class ICaRL(TransferModule):
     # ----- the task structure (from the DataModule) -----------------------------------------------------------
     @property
     def dm(self) -> ClassIncrementalDataModule:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if not isinstance(dm, ClassIncrementalDataModule):
-            raise TLError("ICaRL needs a class-incremental DataModule; use data.class_path "
-                          "tl_lightning.data.incremental.ClassIncrementalDataModule around your data set.")
-        return dm
+        return self.required_datamodule(
+            ClassIncrementalDataModule, "use data.class_path tl_lightning.data.incremental.ClassIncrementalDataModule "
+            "(a class-incremental DataModule) around your data set.")
 
     @property
     def task(self) -> int:
@@ -332,7 +330,7 @@ class ICaRL(TransferModule):
         """Backbone features of the wrapped data set's whole deterministic ``split`` (independent of the class
         order, so every order reuses them) and the source indices of their rows."""
         base = self.dm.dataset.split_dataset(split, deterministic=True)
-        key = cache_key(method="icarl", backbone=self.backbone_name, weights=weights_id(self.weights, self.net.backbone),
+        key = cache_key(method="icarl", backbone=self.backbone_name, weights=weights_id(self.net.backbone),
                         dataset=base.fingerprint())
 
         def compute() -> dict:
