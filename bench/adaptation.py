@@ -16,6 +16,7 @@ MNIST-M test split (no model selection on target labels), mean ± std over the s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -27,15 +28,16 @@ from typing import Optional
 import lightning as L
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
-from tl_lightning.data.base import per_class_subset
+from tl_lightning.data.base import default_cache_dir, per_class_subset
 from tl_lightning.data.domains import DomainPairDataModule
 from tl_lightning.data.mnist import MNISTDataModule
 from tl_lightning.data.mnistm import MNISTMDataModule
 from tl_lightning.methods.adaptation import DomainAdaptation
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-BACKBONE, IMAGE_SIZE = "digit_cnn", 32
+BACKBONE, IMAGE_SIZE = "digit_cnn_dann", 32
 PUBLISHED = {"source-only": 57.5, "DANN": 81.5}  # Ganin & Lempitsky 2015, MNIST -> MNIST-M
 
 
@@ -88,9 +90,13 @@ def run_one(method: Method, seed: int, source: MNISTDataModule, target: MNISTMDa
                                 "source_only" else "target", num_workers=0, backbone=BACKBONE,
                                 image_size=IMAGE_SIZE, in_memory=True)
     extra = dict(source_checkpoint=source_ckpt) if method.from_source else {}
-    model = DomainAdaptation(backbone=BACKBONE, weights="none", lr=args.lr, weight_decay=1e-4, temperature=2.0,
-                             num_classes=10, **method.model, **extra)
     epochs = args.adapt_epochs if method.from_source else args.epochs
+    total_steps = pair.steps_per_epoch() * epochs
+    # Ganin & Lempitsky's annealing, mu_p = mu_0 / (1 + 10 p)^0.75, per step (p = training progress)
+    anneal = functools.partial(LambdaLR, lr_lambda=lambda step: (1 + 10 * min(step / total_steps, 1.0)) ** -0.75)
+    model = DomainAdaptation(backbone=BACKBONE, weights="none", lr=args.lr, weight_decay=1e-4, temperature=2.0,
+                             num_classes=10, domain_hidden_dim=args.domain_hidden, channels_last=True,
+                             scheduler=anneal, scheduler_interval="step", **method.model, **extra)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, default_root_dir=workdir)
@@ -105,7 +111,7 @@ def run_one(method: Method, seed: int, source: MNISTDataModule, target: MNISTMDa
            "domain_acc": metrics["test/domain_acc"], "train_domain_acc": train.get("train/domain_acc"),
            "fit_s": fit_s, "steps": pair.steps_per_epoch() * epochs}
     if method.model.get("mode") == "source_only":
-        out["checkpoint"] = os.path.join(workdir, f"source_seed{seed}.ckpt")
+        out["checkpoint"] = source_checkpoint(workdir, seed)
         trainer.save_checkpoint(out["checkpoint"])
     return out
 
@@ -185,11 +191,11 @@ def plot(all_methods: list[Method], path: str) -> None:
 
 
 SETTINGS = ("source_train", "target_train", "test", "epochs", "adapt_epochs", "batch_size", "lr", "nu",
-            "confusion_weight")
+            "confusion_weight", "domain_hidden")
 
 
 def resume(all_methods: list[Method], args, sizes: dict) -> None:
-    """Take over the runs of an earlier, interrupted benchmark with the same settings."""
+    """Take over the finished runs of an earlier, interrupted benchmark with the same settings."""
     path = results_stem(args) + ".json"
     if not os.path.exists(path):
         return
@@ -199,8 +205,75 @@ def resume(all_methods: list[Method], args, sizes: dict) -> None:
         raise SystemExit(f"{path} was run with other settings; drop --resume")
     for m in all_methods:
         m.runs = [r for r in earlier["methods"].get(m.name, []) if r["seed"] in args.seeds]
-    earlier_s = earlier.get("wall_s", 0.0)
-    args.resumed_wall_s = earlier_s
+    args.resumed_wall_s = earlier.get("wall_s", 0.0)
+
+
+# ----- runs in worker processes: every (seed, method) is one task; a seed's source-only run comes first ---------
+_WORKER: dict = {}
+
+
+def _init_worker(args, sizes: dict) -> None:
+    torch.set_num_threads(args.threads)
+    _WORKER["domains"] = build_domains(args.data_root, sizes)
+    _WORKER["args"] = args
+
+
+def _task(method: Method, seed: int, source_ckpt: Optional[str], workdir: str) -> dict:
+    source, target = _WORKER["domains"]
+    return run_one(method, seed, source, target, _WORKER["args"], source_ckpt, workdir)
+
+
+def source_checkpoint(workdir: str, seed: int) -> str:
+    return os.path.join(workdir, f"source_seed{seed}.ckpt")
+
+
+def run_all(all_methods: list[Method], args, sizes: dict, workdir: str, started: float, on_result) -> None:
+    """Run every missing (seed, method) on ``args.jobs`` processes of ``args.threads`` threads each.
+
+    Train-on-target and the source-only runs start at once; a seed's adaptation runs start when its source-only
+    model (their warm start and soft-label teacher) is saved. ``on_result`` is called after every finished run.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    def missing(m: Method, seed: int) -> bool:
+        return not any(r["seed"] == seed for r in m.runs)
+
+    source_method = next(m for m in all_methods if m.model.get("mode") == "source_only")
+    pending = {}
+    with ProcessPoolExecutor(args.jobs, mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(args, sizes)) as pool:
+        def submit(m: Method, seed: int, ckpt: Optional[str]) -> None:
+            pending[pool.submit(_task, m, seed, ckpt, workdir)] = (m, seed)
+
+        def submit_adaptation(seed: int) -> None:
+            for m in all_methods:
+                if m.from_source and missing(m, seed):
+                    submit(m, seed, source_checkpoint(workdir, seed))
+
+        for seed in args.seeds:
+            if missing(source_method, seed) or not os.path.exists(source_checkpoint(workdir, seed)):
+                submit(source_method, seed, None)
+            else:
+                submit_adaptation(seed)
+            for m in all_methods:
+                if not m.from_source and m is not source_method and missing(m, seed):
+                    submit(m, seed, None)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                m, seed = pending.pop(future)
+                result = future.result()
+                result.pop("checkpoint", None)
+                if m is source_method:
+                    submit_adaptation(seed)
+                    if not missing(m, seed):  # re-run only to restore the checkpoint of a resumed seed
+                        continue
+                m.runs.append(result)
+                print(f"[{(time.perf_counter() - started) / 60:5.1f} min] seed {seed} {m.name}: target "
+                      f"{100 * result['target_acc']:.1f}%, source {100 * result['source_acc']:.1f}%, domain "
+                      f"{100 * result['domain_acc']:.1f}% ({result['fit_s']:.0f} s)", flush=True)
+                on_result()
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -208,56 +281,43 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed, one epoch (a smoke run)")
     parser.add_argument("--data-root", default=os.path.join("..", "shared", "data"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--source-train", type=int, default=2000)
-    parser.add_argument("--target-train", type=int, default=2000)
-    parser.add_argument("--test", type=int, default=1000, help="MNIST-M test images (and MNIST test images / 2)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of the from-scratch runs")
-    parser.add_argument("--adapt-epochs", type=int, default=1, help="epochs of the adaptation runs")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--source-train", type=int, default=0, help="MNIST training images (0 = all 54,000)")
+    parser.add_argument("--target-train", type=int, default=0, help="MNIST-M training images (0 = all 18,000)")
+    parser.add_argument("--test", type=int, default=0, help="MNIST-M test images (0 = all 5,000; MNIST: 2,000)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs of the from-scratch runs")
+    parser.add_argument("--adapt-epochs", type=int, default=20, help="epochs (over the target) of adaptation runs")
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--nu", type=float, default=0.1, help="soft-label weight")
     parser.add_argument("--confusion-weight", type=float, default=1.0, help="λ of the uniform confusion loss")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--budget-min", type=float, default=25.0,
-                        help="start no further seed when the last seed's time would end past this budget")
+    parser.add_argument("--domain-hidden", type=int, default=1024, help="hidden width of the domain classifier")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (runs in parallel)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--workdir", default=os.path.join(default_cache_dir(), "bench_adaptation"),
+                        help="where the source-only checkpoints go (kept for --resume)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs of bench/results/adaptation.json (same settings) and run missing seeds")
+                        help="keep the runs of bench/results/adaptation.json (same settings) and run the missing ones")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.source_train, args.target_train, args.test = args.seeds[:1], 500, 500, 200
         args.epochs = args.adapt_epochs = 1
-    torch.set_num_threads(args.threads)
-    sizes = {"source_train": args.source_train, "source_val": 500, "source_test": args.test // 2,
+    sizes = {"source_train": args.source_train, "source_val": 500, "source_test": args.test // 2 or 2000,
              "target_train": args.target_train, "target_val": 500, "target_test": args.test}
     started = time.perf_counter()
+    torch.set_num_threads(args.threads)
     source, target = build_domains(args.data_root, sizes)
-    sizes = {"source_train": len(source.splits["train"]), "source_test": len(source.splits["test"]),
-             "target_train": len(target.splits["train"]), "target_test": len(target.splits["test"])}
+    actual = {"source_train": len(source.splits["train"]), "source_test": len(source.splits["test"]),
+              "target_train": len(target.splits["train"]), "target_test": len(target.splits["test"])}
+    del source, target
     all_methods = methods(args.nu, args.confusion_weight)
     if args.resume:
-        resume(all_methods, args, sizes)
-    with tempfile.TemporaryDirectory(prefix="bench_adaptation_") as workdir:
-        for i, seed in enumerate(args.seeds):
-            elapsed = time.perf_counter() - started
-            if i and elapsed + elapsed / i > 60 * args.budget_min:
-                print(f"stopping after {i} seed(s): another would pass the {args.budget_min} min budget")
-                args.seeds = args.seeds[:i]
-                break
-            source_ckpt = None
-            if all(any(r["seed"] == seed for r in m.runs) for m in all_methods):
-                continue  # resumed
-            for m in all_methods:
-                result = run_one(m, seed, source, target, args, source_ckpt, workdir)
-                source_ckpt = result.pop("checkpoint", source_ckpt)
-                m.runs.append(result)
-                print(f"[{(time.perf_counter() - started) / 60:5.1f} min] seed {seed} {m.name}: target "
-                      f"{100 * result['target_acc']:.1f}%, source {100 * result['source_acc']:.1f}%, domain "
-                      f"{100 * result['domain_acc']:.1f}% ({result['fit_s']:.0f} s)", flush=True)
-            write_results(all_methods, args, sizes, time.perf_counter() - started)  # partial results per seed
-    all_methods = [m for m in all_methods if m.runs]
+        resume(all_methods, args, actual)
+    os.makedirs(args.workdir, exist_ok=True)
+    run_all(all_methods, args, sizes, args.workdir, started,
+            lambda: write_results(all_methods, args, actual, time.perf_counter() - started))
     for m in all_methods:
-        m.runs = [r for r in m.runs if r["seed"] in args.seeds]
-    path = write_results(all_methods, args, sizes, time.perf_counter() - started)
+        m.runs = sorted((r for r in m.runs if r["seed"] in args.seeds), key=lambda r: r["seed"])
+    path = write_results([m for m in all_methods if m.runs], args, actual, time.perf_counter() - started)
     print(open(path).read())
 
 

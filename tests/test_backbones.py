@@ -3,6 +3,7 @@ from __future__ import annotations
 
 
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -55,11 +56,25 @@ def test_data_config_follows_timm():
     assert data_config("resnet18")["mean"] == pytest.approx((0.485, 0.456, 0.406))
 
 
-def test_any_timm_model_and_the_digit_cnn_are_backbones():
-    for name in ("resnet18", "digit_cnn"):
+def test_any_timm_model_and_the_digit_cnns_are_backbones():
+    for name in ("resnet18", "digit_cnn", "digit_cnn_dann"):
         model = create_backbone(name, weights="none")
         out = model(torch.randn(2, 3, 32, 32))
         assert out.shape == (2, model.num_features)
+
+
+def test_digit_cnn_dann_is_the_published_network_without_normalisation():
+    """Ganin & Lempitsky's MNIST network: same layers as digit_cnn, no BatchNorm (source statistics)."""
+    def norm_layers(model):
+        return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    plain, with_bn = timm.create_model("digit_cnn_dann"), timm.create_model("digit_cnn")
+    assert not norm_layers(plain) and len(norm_layers(with_bn)) == 4
+    convs = [(m.in_channels, m.out_channels, m.kernel_size) for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [(3, 32, (5, 5)), (32, 48, (5, 5))]
+    linears = [(m.in_features, m.out_features) for m in plain.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == [(1200, 100), (100, 100), (100, 10)]
+    assert plain.pretrained_cfg["architecture"] == "digit_cnn_dann"
 
 
 def test_local_checkpoint_round_trip(tmp_path, lite0):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from timm.data import resolve_data_config
 
-from tl_lightning.backbones import digit_cnn as _digit_cnn  # noqa: F401  (registers 'digit_cnn' with timm)
+from tl_lightning.backbones import digit_cnn as _digit_cnn  # noqa: F401  (registers digit_cnn and digit_cnn_dann with timm)
 from tl_lightning.backbones.bundled import BUNDLED_MODEL, load_bundled_weights
 from tl_lightning.backbones.features import FeatureExtractor, layer_groups
 from tl_lightning.errors import TLError

@@ -49,7 +49,7 @@ class DomainAdaptation(TransferModule):
 
     def __init__(
         self,
-        backbone: str = "digit_cnn",
+        backbone: str = "digit_cnn_dann",
         weights: str = "none",
         mode: Literal["adapt", "source_only", "target_only"] = "adapt",
         confusion: Literal["uniform", "gradient_reversal", "none"] = "uniform",
@@ -68,7 +68,7 @@ class DomainAdaptation(TransferModule):
     ):
         """
         Args:
-            backbone: any timm model name (trained here; ``digit_cnn`` for 32 px digits).
+            backbone: any timm model name (trained here; ``digit_cnn_dann`` for 32 px digits, no BatchNorm).
             weights: ``bundled``, ``hub``, ``none`` or a checkpoint path.
             mode: ``adapt``, or the baselines ``source_only`` and ``target_only``.
             confusion: ``uniform`` (Tzeng et al.), ``gradient_reversal`` (DANN) or ``none``.
