@@ -278,3 +278,27 @@ def test_cli_rejects_soft_labels_without_labelled_target(tmp_path, capsys):
                 "--data.init_args.labelled_per_class=0", "--trainer.max_epochs=1")
     assert e.value.code == 2
     assert "labelled target" in capsys.readouterr().err
+
+
+def test_lr_annealing_follows_ganin_schedule(tmp_path):
+    """μ_p = μ_0 / (1 + 10p)^0.75 per step, for both optimizers: μ_0 at the start, μ_0 · 11^-0.75 at the end."""
+    L.seed_everything(0)
+    dm = _pair(0, source_per_class=3, batch_size=8, epoch=3)
+    model = DomainAdaptation(backbone="digit_cnn_dann", confusion="gradient_reversal", lr_annealing=True,
+                             lr=0.01, num_classes=10)
+    seen = []
+
+    class RecordLR(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append([opt.param_groups[0]["lr"] for opt in trainer.optimizers])
+
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[RecordLR()], default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    total = 6  # 2 epochs x 3 steps
+    expected = [0.01 * (1 + 10 * step / total) ** -0.75 for step in range(total + 1)]
+    assert [model_lr for model_lr, _ in seen] == pytest.approx(expected[:total])
+    assert all(model_lr == domain_lr for model_lr, domain_lr in seen)
+    final = [opt.param_groups[0]["lr"] for opt in trainer.optimizers]
+    assert final == pytest.approx([0.01 * 11 ** -0.75] * 2)

@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow
 QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0")
 
 
-def fit(run_dir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m tl_lightning fit`` in a fresh process (DDP relaunches this command line for rank 1)."""
-    proc = subprocess.run([sys.executable, "-m", "tl_lightning", "fit", *args, *QUIET,
+def fit(run_dir: Path, *args: str, timeout: int = 600, command: str = "fit") -> subprocess.CompletedProcess:
+    """``python -m tl_lightning <command>`` in a fresh process (DDP relaunches this command line for rank 1)."""
+    proc = subprocess.run([sys.executable, "-m", "tl_lightning", command, *args, *QUIET,
                            f"--trainer.default_root_dir={run_dir}"],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
@@ -64,6 +64,29 @@ def test_feature_extraction_ddp_matches_one_process(tmp_path):
 
     # only rank 0 logs: one W&B run
     assert len(list((ddp_dir / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_ddp_predict_writes_one_merged_csv(tmp_path):
+    """2-process predict: rank 0 writes every rank's rows once (no per-rank files, no padding duplicates), and
+    they equal a 1-process predict from the same checkpoint."""
+    common = ("--config", "configs/quickstart.yaml", "--data.image_size=32", "--trainer.logger=false")
+    fit(tmp_path / "fit", *common, "--trainer.max_epochs=2", "--test_after_fit=false")
+    ckpt = read_metrics(tmp_path / "fit")["best_checkpoint"]
+    fit(tmp_path / "one", *common, f"--ckpt_path={ckpt}", command="predict")
+    fit(tmp_path / "two", *common, f"--ckpt_path={ckpt}", *ddp(), command="predict")
+    one = (tmp_path / "one" / "predictions.csv").read_text().splitlines()
+    two = (tmp_path / "two" / "predictions.csv").read_text().splitlines()
+    assert [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("predictions")] == ["predictions.csv"]
+    assert len(one) == 1 + 359 and len({row.split(",")[0] for row in two[1:]}) == 359  # the test split, once
+    assert two[0] == one[0] and same_predictions(one, two)
+
+
+def same_predictions(one: list[str], two: list[str]) -> bool:
+    """Same file -> class everywhere and scores within 1e-4 (batching differs between 1 and 2 processes)."""
+    a = {r.split(",")[0]: r.split(",")[1:] for r in one[1:]}
+    b = {r.split(",")[0]: r.split(",")[1:] for r in two[1:]}
+    return a.keys() == b.keys() and all(a[k][0] == b[k][0] and abs(float(a[k][1]) - float(b[k][1])) < 1e-4
+                                        for k in a)
 
 
 # FineTune under DDP (frozen stages, the unfreeze, rank 0's broadcast head) has its own test:

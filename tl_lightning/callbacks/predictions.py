@@ -11,13 +11,14 @@ import csv
 import os
 from typing import Optional
 
+import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 PREDICTIONS_FILE = "predictions.csv"
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Collects each predicted batch and writes ``predictions.csv`` (one file per rank when several run)."""
+    """Collects each predicted batch and writes ``predictions.csv``; under DDP rank 0 writes every rank's rows."""
 
     def __init__(self, filename: str = PREDICTIONS_FILE, threshold: float = 0.5):
         super().__init__(write_interval="batch")
@@ -53,20 +54,25 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         super().on_predict_epoch_end(trainer, pl_module)
-        if not self.rows:
+        rows = self._gather(trainer)
+        if not rows or not trainer.is_global_zero:
             return
         run_dir = trainer.default_root_dir
         os.makedirs(run_dir, exist_ok=True)
-        name = self.filename
-        if trainer.world_size > 1:
-            stem, ext = os.path.splitext(name)
-            name = f"{stem}.rank{trainer.global_rank}{ext}"
-        self.path = os.path.join(run_dir, name)
+        self.path = os.path.join(run_dir, self.filename)
         header = ["file", "class", "score"] + (["labels"] if getattr(pl_module, "multilabel", False) else [])
         tmp = f"{self.path}.tmp"
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
-            writer.writerows(self.rows[i] for i in sorted(self.rows))
+            writer.writerows(rows[i] for i in sorted(rows))
         os.replace(tmp, self.path)
-        print(f"wrote {len(self.rows)} predictions to {self.path}", flush=True)
+        print(f"wrote {len(rows)} predictions to {self.path}", flush=True)
+
+    def _gather(self, trainer) -> dict[int, list]:
+        """Every rank's rows by sample index (a distributed sampler's padding repeats samples: kept once)."""
+        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return self.rows
+        parts: list = [None] * trainer.world_size
+        dist.all_gather_object(parts, self.rows)  # every rank calls it, with rows or without
+        return {i: row for part in parts for i, row in part.items()}

@@ -17,6 +17,8 @@ optimisation and two optimizers (one owns the feature extractor and classifier, 
   run; with ``init_from_source`` the network also starts from its weights) or, without it, from this network
   after ``source_pretrain_epochs`` of source training (these epochs come before the trainer's ``max_epochs``).
 
+``lr_annealing`` applies DANN's learning-rate schedule μ_p = μ_0/(1+10p)^0.75 per step to both optimizers.
+
 Baselines from the same module: ``mode: source_only`` (L_C on the source alone) and ``mode: target_only``
 (L_C on the labelled target; with ``labelled_per_class: null`` this is train-on-target).
 
@@ -28,11 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from tl_lightning.backbones import create_backbone
@@ -55,6 +59,7 @@ class DomainAdaptation(TransferModule):
         confusion: Literal["uniform", "gradient_reversal", "none"] = "uniform",
         confusion_weight: float = 0.1,
         lambda_schedule: bool = True,
+        lr_annealing: bool = False,
         soft_label_weight: float = 0.0,
         temperature: float = 2.0,
         source_checkpoint: Optional[str] = None,
@@ -74,6 +79,8 @@ class DomainAdaptation(TransferModule):
             confusion: ``uniform`` (Tzeng et al.), ``gradient_reversal`` (DANN) or ``none``.
             confusion_weight: λ, the weight of L_conf (or the GRL's scale).
             lambda_schedule: multiply λ by DANN's λ_p = 2/(1+exp(-10p)) - 1 (p = training progress).
+            lr_annealing: Ganin & Lempitsky's per-step learning-rate annealing μ_p = μ_0 / (1 + 10p)^0.75 for
+                both optimizers (used when no ``scheduler`` is given).
             soft_label_weight: ν, the weight of L_soft (0 = no soft labels).
             temperature: τ of the soft labels and of the target prediction they are compared with.
             source_checkpoint: checkpoint of a source-trained DomainAdaptation (a ``source_only`` run): the
@@ -96,6 +103,7 @@ class DomainAdaptation(TransferModule):
         self.confusion = confusion
         self.confusion_weight = confusion_weight
         self.lambda_schedule = lambda_schedule
+        self.lr_annealing = lr_annealing
         self.soft_label_weight = soft_label_weight
         self.temperature = temperature
         self.source_checkpoint = source_checkpoint
@@ -135,9 +143,14 @@ class DomainAdaptation(TransferModule):
         domain_opt = self.optimizer_factory([{"params": list(self.domain_classifier.parameters()),
                                               "lr": self.domain_lr or self.lr, "weight_decay": self.weight_decay,
                                               "name": "domain"}])
-        if self.scheduler_factory is None:
+        if self.scheduler_factory is not None:
+            factory = self.scheduler_factory
+        elif self.lr_annealing:
+            self.scheduler_interval = "step"
+            factory = functools.partial(LambdaLR, lr_lambda=lambda step: (1 + 10 * self.progress(step)) ** -0.75)
+        else:
             return [model_opt, domain_opt]
-        return [model_opt, domain_opt], [self.scheduler_factory(model_opt), self.scheduler_factory(domain_opt)]
+        return [model_opt, domain_opt], [factory(model_opt), factory(domain_opt)]
 
     # ----- the source stage: pre-training and soft labels, once before adaptation -------------------------------
     def _pair(self) -> DomainPairDataModule:
@@ -237,14 +250,17 @@ class DomainAdaptation(TransferModule):
                                  self.temperature).to(self.soft_labels)
 
     # ----- training --------------------------------------------------------------------------------------------
+    def progress(self, done: int) -> float:
+        """p: the finished share of the training batches after ``done`` of them (1 when unbounded)."""
+        total = self.trainer.estimated_stepping_batches
+        return min(done / total, 1.0) if total and total != float("inf") else 1.0
+
     def adaptation_weight(self) -> float:
-        """λ, times λ_p when scheduled (p = finished share of the training batches)."""
+        """λ, times λ_p when scheduled."""
         if not self.lambda_schedule:
             return self.confusion_weight
-        total = self.trainer.estimated_stepping_batches
         done = self.current_epoch * self.trainer.num_training_batches + self._batch_idx
-        progress = done / total if total and total != float("inf") else 1.0
-        return self.confusion_weight * dann_lambda(progress)
+        return self.confusion_weight * dann_lambda(self.progress(done))
 
     def _log(self, name: str, value, batch_size: int) -> None:
         self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size,
@@ -325,9 +341,10 @@ class DomainAdaptation(TransferModule):
         optimizer.step()
 
     def _step_schedulers(self, interval: str) -> None:
-        if self.scheduler_factory is None or interval != self.scheduler_interval:
+        schedulers = self.lr_schedulers()
+        if not schedulers or interval != self.scheduler_interval:
             return
-        for scheduler in self.lr_schedulers():
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             scheduler.step()
 
     def on_train_epoch_end(self) -> None:
