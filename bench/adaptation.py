@@ -226,6 +226,13 @@ _WORKER: dict = {}
 
 
 def _init_worker(args, sizes: dict) -> None:
+    try:  # Linux: end with the parent (a killed benchmark leaves no orphaned runs behind)
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
     torch.set_num_threads(args.threads)
     _WORKER["domains"] = build_domains(args.data_root, sizes)
     _WORKER["args"] = args
