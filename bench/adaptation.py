@@ -65,6 +65,16 @@ def methods(nu: float, confusion_weight: float) -> list[Method]:
     ]
 
 
+def run_epochs(method: Method, args) -> int:
+    """Epochs of a run: ``--epochs`` from scratch, ``--adapt-epochs`` from the source model (DANN: ``--dann-epochs``
+    when given)."""
+    if not method.from_source:
+        return args.epochs
+    if method.model.get("confusion") == "gradient_reversal" and getattr(args, "dann_epochs", None):
+        return args.dann_epochs
+    return args.adapt_epochs
+
+
 def balanced(samples, n: int, seed: int = 0):
     """A class-balanced subset of ``n`` samples (n/10 per digit) of a SampleSet, or all of it when n <= 0."""
     if n <= 0 or n >= len(samples):
@@ -91,7 +101,7 @@ def run_one(method: Method, seed: int, source: MNISTDataModule, target: MNISTMDa
                                 "source_only" else "target", num_workers=0, backbone=BACKBONE,
                                 image_size=IMAGE_SIZE, in_memory=True)
     extra = dict(source_checkpoint=source_ckpt) if method.from_source else {}
-    epochs = args.adapt_epochs if method.from_source else args.epochs
+    epochs = run_epochs(method, args)
     model = DomainAdaptation(backbone=BACKBONE, weights="none", lr=args.lr, weight_decay=1e-4, temperature=2.0,
                              num_classes=10, domain_hidden_dim=args.domain_hidden, channels_last=True,
                              lr_annealing=True, **method.model, **extra)
@@ -133,7 +143,8 @@ def write_results(all_methods: list[Method], args, sizes: dict, wall_s: float) -
         f"layer of {args.domain_hidden}, seeds {', '.join(map(str, sorted({r['seed'] for m in all_methods for r in m.runs})))}. "
         "Sizes (0 = the whole split): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sizes.items()) + ". "
         f"Source-only: {args.epochs} epochs over MNIST from scratch; train-on-target: {args.epochs} epochs over the "
-        f"MNIST-M training pool from scratch; adaptation methods: {args.adapt_epochs} epochs over the unlabelled "
+        f"MNIST-M training pool from scratch; adaptation methods: {args.adapt_epochs} epochs"
+        + (f" (DANN: {args.dann_epochs})" if getattr(args, "dann_epochs", None) else "") + " over the unlabelled "
         "target pool (one source batch and one target batch per step), starting from the seed's source-only model "
         f"(soft labels at τ = 2 from it, ν = {args.nu}; confusion λ = {args.confusion_weight}, DANN λ = 1, both "
         "times λ_p). Accuracy of the final weights on the held-out MNIST-M test split (carved from MNIST-M "
@@ -193,7 +204,7 @@ def plot(all_methods: list[Method], path: str) -> None:
 def run_config(method: Method, args) -> dict:
     """What a run's result depends on besides the seed and the data sizes (``--resume`` keeps equal ones)."""
     return {**method.model, "labelled_per_class": method.labelled_per_class, "from_source": method.from_source,
-            "epochs": args.adapt_epochs if method.from_source else args.epochs, "batch_size": args.batch_size,
+            "epochs": run_epochs(method, args), "batch_size": args.batch_size,
             "lr": args.lr, "domain_hidden": getattr(args, "domain_hidden", 100)}
 
 
@@ -306,6 +317,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--test", type=int, default=0, help="MNIST-M test images (0 = all 5,000; MNIST: 2,000)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the from-scratch runs")
     parser.add_argument("--adapt-epochs", type=int, default=20, help="epochs (over the target) of adaptation runs")
+    parser.add_argument("--dann-epochs", type=int, default=None, help="epochs of the DANN runs (default --adapt-epochs)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--nu", type=float, default=0.1, help="soft-label weight")
@@ -322,6 +334,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.quick:
         args.seeds, args.source_train, args.target_train, args.test = args.seeds[:1], 500, 500, 200
         args.epochs = args.adapt_epochs = 1
+        args.dann_epochs = None
     sizes = {"source_train": args.source_train, "source_val": 500, "source_test": args.test // 2 or 2000,
              "target_train": args.target_train, "target_val": 500, "target_test": args.test}
     started = time.perf_counter()
