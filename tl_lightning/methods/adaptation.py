@@ -146,7 +146,6 @@ class DomainAdaptation(TransferModule):
         if self.scheduler_factory is not None:
             factory = self.scheduler_factory
         elif self.lr_annealing:
-            self.scheduler_interval = "step"
             factory = functools.partial(LambdaLR, lr_lambda=lambda step: (1 + 10 * self.progress(step)) ** -0.75)
         else:
             return [model_opt, domain_opt]
@@ -342,7 +341,8 @@ class DomainAdaptation(TransferModule):
 
     def _step_schedulers(self, interval: str) -> None:
         schedulers = self.lr_schedulers()
-        if not schedulers or interval != self.scheduler_interval:
+        annealing = self.lr_annealing and self.scheduler_factory is None  # per step by definition
+        if not schedulers or interval != ("step" if annealing else self.scheduler_interval):
             return
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             scheduler.step()
