@@ -15,6 +15,7 @@ from tl_lightning.errors import TLError
 from tl_lightning.losses import (GradientReversal, class_soft_labels, confusion_loss, dann_lambda, grad_reverse,
                                  soft_label_loss)
 from tl_lightning.methods.adaptation import DomainAdaptation
+from tl_lightning.methods.domain_statistics import add_target_statistics, target_statistics
 
 CONFIG = "configs/adaptation/digits_offline.yaml"
 
@@ -302,3 +303,70 @@ def test_lr_annealing_follows_ganin_schedule(tmp_path):
     assert all(model_lr == domain_lr for model_lr, domain_lr in seen)
     final = [opt.param_groups[0]["lr"] for opt in trainer.optimizers]
     assert final == pytest.approx([0.01 * 11 ** -0.75] * 2)
+
+
+# ----- per-domain BatchNorm statistics (AdaBN / domain-specific BN) ---------------------------------------------
+def test_target_statistics_swap_in_and_back():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert add_target_statistics(net) == 1
+    bn = net[1]
+    source_mean = bn.running_mean.clone()
+    net.train()
+    with target_statistics(net):
+        net(torch.randn(8, 3, 6, 6) + 5.0)  # updates the target's statistics only
+    assert torch.equal(bn.running_mean, source_mean) and int(bn.num_batches_tracked) == 0
+    assert int(bn.target_num_batches_tracked) == 1 and not torch.equal(bn.target_running_mean, source_mean)
+    net(torch.randn(8, 3, 6, 6))
+    assert int(bn.num_batches_tracked) == 1 and int(bn.target_num_batches_tracked) == 1
+    with pytest.raises(ValueError), target_statistics(net):  # restored after an error as well
+        raise ValueError
+    assert int(bn.num_batches_tracked) == 1
+    assert "1.target_running_mean" in net.state_dict()
+
+
+def test_domain_batchnorm_keeps_one_statistics_set_per_domain(tmp_path):
+    L.seed_everything(0)
+    dm = _pair(0, source_per_class=3, batch_size=8, epoch=2)
+    model = DomainAdaptation(backbone="digit_cnn", confusion="gradient_reversal", domain_batchnorm=True,
+                             num_classes=10)
+    bn = model.features.conv1[1]
+    # DANN steps two optimizers per batch: 4 steps = 2 batches
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, limit_test_batches=1, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert int(bn.num_batches_tracked) == 2 and int(bn.target_num_batches_tracked) == 2  # one forward per domain
+    assert not torch.allclose(bn.running_mean, bn.target_running_mean)  # blended digits are another domain
+    # evaluation: each domain with its own statistics; predictions (forward) are the target's
+    model.eval()
+    x = next(iter(dm.test_dataloader()[0]))[0]
+    with torch.no_grad():
+        target_logits, source_logits = model(x), model(x, 0)
+        with target_statistics(model.features):
+            by_hand = model.classifier(model.features(x))
+    assert torch.allclose(target_logits, by_hand) and not torch.allclose(target_logits, source_logits)
+    with pytest.raises(TLError, match="has none"):
+        DomainAdaptation(backbone="digit_cnn_dann", domain_batchnorm=True)
+
+
+def test_domain_batchnorm_warm_starts_from_a_plain_source_checkpoint(tmp_path):
+    """A source_only checkpoint without target statistics: the target starts from the source's statistics."""
+    L.seed_everything(0)
+    dm = _pair(0, source_per_class=3, batch_size=8, epoch=2)
+    kwargs = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    source = DomainAdaptation(backbone="digit_cnn", mode="source_only", num_classes=10)
+    trainer = L.Trainer(max_steps=2, **kwargs)
+    trainer.fit(source, dm)
+    trainer.save_checkpoint(tmp_path / "source.ckpt")
+    adapt = DomainAdaptation(backbone="digit_cnn", confusion="gradient_reversal", domain_batchnorm=True,
+                             source_checkpoint=str(tmp_path / "source.ckpt"), num_classes=10)
+    seen = {}
+
+    class AtStart(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            bn = pl_module.features.conv1[1]
+            seen.setdefault("target", bn.target_running_mean.clone())
+
+    L.Trainer(max_steps=1, callbacks=[AtStart()], **kwargs).fit(adapt, dm)
+    assert torch.allclose(seen["target"], source.features.conv1[1].running_mean)

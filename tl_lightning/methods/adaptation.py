@@ -18,6 +18,8 @@ optimisation and two optimizers (one owns the feature extractor and classifier, 
   after ``source_pretrain_epochs`` of source training (these epochs come before the trainer's ``max_epochs``).
 
 ``lr_annealing`` applies DANN's learning-rate schedule μ_p = μ_0/(1+10p)^0.75 per step to both optimizers.
+``domain_batchnorm`` gives every BatchNorm layer of the backbone its own target running statistics (AdaBN, Li et
+al. 2016; Chang et al. 2019): each domain is then forwarded on its own and normalised with its own statistics.
 
 Baselines from the same module: ``mode: source_only`` (L_C on the source alone) and ``mode: target_only``
 (L_C on the labelled target; with ``labelled_per_class: null`` this is train-on-target).
@@ -44,6 +46,8 @@ from tl_lightning.data.domains import EVAL_DOMAINS, DomainPairDataModule
 from tl_lightning.errors import TLError
 from tl_lightning.losses import class_soft_labels, confusion_loss, dann_lambda, grad_reverse, soft_label_loss
 from tl_lightning.methods.base import TransferModule, build_metrics, make_head, task_loss
+from tl_lightning.methods.domain_statistics import (TARGET_PREFIX, add_target_statistics, seed_target_statistics,
+                                                    target_statistics)
 
 SOURCE, TARGET = 0, 1
 
@@ -60,6 +64,7 @@ class DomainAdaptation(TransferModule):
         confusion_weight: float = 0.1,
         lambda_schedule: bool = True,
         lr_annealing: bool = False,
+        domain_batchnorm: bool = False,
         soft_label_weight: float = 0.0,
         temperature: float = 2.0,
         source_checkpoint: Optional[str] = None,
@@ -81,6 +86,9 @@ class DomainAdaptation(TransferModule):
             lambda_schedule: multiply λ by DANN's λ_p = 2/(1+exp(-10p)) - 1 (p = training progress).
             lr_annealing: Ganin & Lempitsky's per-step learning-rate annealing μ_p = μ_0 / (1 + 10p)^0.75 for
                 both optimizers (used when no ``scheduler`` is given).
+            domain_batchnorm: per-domain BatchNorm statistics (needs a backbone with BatchNorm, e.g. ``digit_cnn``):
+                source and target are forwarded separately in training, and each domain is evaluated with its
+                own running statistics; ``forward`` (prediction) uses the target's.
             soft_label_weight: ν, the weight of L_soft (0 = no soft labels).
             temperature: τ of the soft labels and of the target prediction they are compared with.
             source_checkpoint: checkpoint of a source-trained DomainAdaptation (a ``source_only`` run): the
@@ -112,6 +120,10 @@ class DomainAdaptation(TransferModule):
         self.domain_lr = domain_lr
         self.features = create_backbone(backbone, weights, num_classes=0)
         feature_dim = self.features.num_features
+        self.domain_batchnorm = domain_batchnorm
+        if domain_batchnorm and not add_target_statistics(self.features):
+            raise TLError(f"domain_batchnorm needs BatchNorm layers and backbone '{backbone}' has none; use a "
+                          "backbone with BatchNorm (e.g. digit_cnn) or set domain_batchnorm: false.")
         self.classifier = make_head(feature_dim, self.num_classes, hidden_dim, dropout)
         self.domain_classifier = make_head(feature_dim, 2, domain_hidden_dim)
         self.register_buffer("soft_labels", torch.full((self.num_classes, self.num_classes), 1.0 / self.num_classes))
@@ -126,8 +138,14 @@ class DomainAdaptation(TransferModule):
         self.pretrain_history: list[float] = []
 
     # ----- network -------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+    def embed(self, x: torch.Tensor, domain: int = TARGET) -> torch.Tensor:
+        """Features of images from ``domain`` (normalised with that domain's statistics under ``domain_batchnorm``)."""
+        with target_statistics(self.features, active=self.domain_batchnorm and domain == TARGET):
+            return self.features(x)
+
+    def forward(self, x: torch.Tensor, domain: int = TARGET) -> torch.Tensor:
+        """Logits; predictions are for the target domain."""
+        return self.classifier(self.embed(x, domain))
 
     @property
     def monitor(self) -> tuple[str, str]:
@@ -181,6 +199,8 @@ class DomainAdaptation(TransferModule):
         if teacher is not self and self.init_from_source:
             self.features.load_state_dict(teacher[0].state_dict())
             self.classifier.load_state_dict(teacher[1].state_dict())
+        if self.domain_batchnorm:
+            seed_target_statistics(self.features)  # a warm start: the target starts from the source statistics
         if self.mode != "target_only":
             for _ in range(self.source_pretrain_epochs):
                 self._pretrain_epoch()
@@ -201,7 +221,7 @@ class DomainAdaptation(TransferModule):
         with wrapper.no_sync() if hasattr(wrapper, "no_sync") else contextlib.nullcontext():
             for x, y in self._pair().source_loader(train=True):
                 x, y = x.to(self.device), y.to(self.device)
-                loss = self.loss(self(x), y)
+                loss = self.loss(self(x, SOURCE), y)
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 optimizer.step()
@@ -224,6 +244,9 @@ class DomainAdaptation(TransferModule):
         wanted = {f"{i}.{k}": f"{prefix}.{k}" for i, (prefix, part) in
                   enumerate((("features", self.features), ("classifier", self.classifier)))
                   for k in part.state_dict()}
+        for dst, src in list(wanted.items()):  # a source model without target statistics: the source's stand in
+            if src not in state and TARGET_PREFIX in src:
+                wanted[dst] = src.replace(TARGET_PREFIX, "")
         missing = [src for src in wanted.values() if src not in state]
         if missing:
             raise TLError(f"checkpoint '{path}' does not hold this model's weights ({missing[0]} is missing); "
@@ -273,8 +296,9 @@ class DomainAdaptation(TransferModule):
         self._batch_idx = batch_idx
         model_opt, domain_opt = self.optimizers()
         if self.mode != "adapt":
-            x, y = batch["source"] if self.mode == "source_only" else batch["target_labelled"]
-            logits = self(x)
+            domain = SOURCE if self.mode == "source_only" else TARGET
+            x, y = batch["source"] if domain == SOURCE else batch["target_labelled"]
+            logits = self(x, domain)
             loss = self.loss(logits, y)
             self._step(model_opt, loss)
             self._log("loss", loss, len(y))
@@ -287,7 +311,10 @@ class DomainAdaptation(TransferModule):
         x_l, y_l = batch.get("target_labelled", (x_s[:0], y_s[:0]))
         x_u = batch["target_unlabelled"]
         n_s, n_l = len(x_s), len(x_l)
-        features = self.features(torch.cat([x_s, x_l, x_u]))
+        if self.domain_batchnorm:  # each domain normalised with its own batch statistics
+            features = torch.cat([self.embed(x_s, SOURCE), self.embed(torch.cat([x_l, x_u]), TARGET)])
+        else:
+            features = self.features(torch.cat([x_s, x_l, x_u]))
         logits = self.classifier(features[: n_s + n_l])
         y = torch.cat([y_s, y_l])
         loss_cls = self.loss(logits, y)
@@ -354,7 +381,8 @@ class DomainAdaptation(TransferModule):
     def _eval_step(self, stage: str, batch, dataloader_idx: int) -> None:
         domain = EVAL_DOMAINS[dataloader_idx]
         x, y = batch
-        features = self.features(x)
+        label = SOURCE if domain == "source" else TARGET
+        features = self.embed(x, label)
         logits = self.classifier(features)
         self.log(f"{stage}/{domain}_loss", task_loss(logits, y, self.multilabel), on_epoch=True,
                  add_dataloader_idx=False, batch_size=len(y), sync_dist=True)
@@ -362,7 +390,6 @@ class DomainAdaptation(TransferModule):
         metrics.update(logits, y.long() if self.multilabel else y)
         self.log_dict(metrics, on_epoch=True, add_dataloader_idx=False, prog_bar=domain == "target")
         domain_logits = self.domain_classifier(features)
-        label = SOURCE if domain == "source" else TARGET
         self.domain_metrics[stage].update(domain_logits, torch.full((len(y),), label, device=self.device))
 
     def _log_domain_acc(self, stage: str) -> None:
