@@ -40,6 +40,7 @@ from tl_lightning.methods.adaptation import DomainAdaptation
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 BACKBONE, IMAGE_SIZE = "digit_cnn_dann", 32
 PUBLISHED = {"source-only": 57.5, "DANN": 81.5}  # Ganin & Lempitsky 2015, MNIST -> MNIST-M
+DANN_BN = dict(confusion="gradient_reversal", confusion_weight=1.0, backbone="digit_cnn", domain_batchnorm=True)
 
 
 @dataclass
@@ -62,17 +63,18 @@ def methods(nu: float, confusion_weight: float) -> list[Method]:
         *[Method(f"confusion + soft labels, k={k}", dict(conf, soft_label_weight=nu), labelled_per_class=k)
           for k in (1, 3, 10)],
         Method("train-on-target (all labels)", dict(mode="target_only"), labelled_per_class=None, from_source=False),
+        # the BatchNorm twin with per-domain statistics (AdaBN / domain-specific BN), trained from scratch
+        Method("DANN, digit_cnn + per-domain BatchNorm", dict(DANN_BN), from_source=False,
+               published=PUBLISHED["DANN"]),
     ]
 
 
 def run_epochs(method: Method, args) -> int:
-    """Epochs of a run: ``--epochs`` from scratch, ``--adapt-epochs`` from the source model (DANN: ``--dann-epochs``
-    when given)."""
-    if not method.from_source:
-        return args.epochs
-    if method.model.get("confusion") == "gradient_reversal" and getattr(args, "dann_epochs", None):
-        return args.dann_epochs
-    return args.adapt_epochs
+    """Epochs of a run: DANN ``--dann-epochs`` (default ``--adapt-epochs``), the other adaptation methods
+    ``--adapt-epochs``, the baselines ``--epochs``."""
+    if method.model.get("confusion") == "gradient_reversal":
+        return getattr(args, "dann_epochs", None) or args.adapt_epochs
+    return args.adapt_epochs if method.from_source else args.epochs
 
 
 def balanced(samples, n: int, seed: int = 0):
@@ -96,15 +98,16 @@ def build_domains(root: str, sizes: dict) -> tuple[MNISTDataModule, MNISTMDataMo
 def run_one(method: Method, seed: int, source: MNISTDataModule, target: MNISTMDataModule, args,
             source_ckpt: Optional[str], workdir: str) -> dict:
     L.seed_everything(seed, verbose=False)
+    backbone = method.model.get("backbone", BACKBONE)
     pair = DomainPairDataModule(source, target, labelled_per_class=method.labelled_per_class, seed=seed,
                                 batch_size=args.batch_size, epoch="source" if method.model.get("mode") ==
-                                "source_only" else "target", num_workers=0, backbone=BACKBONE,
+                                "source_only" else "target", num_workers=0, backbone=backbone,
                                 image_size=IMAGE_SIZE, in_memory=True)
     extra = dict(source_checkpoint=source_ckpt) if method.from_source else {}
     epochs = run_epochs(method, args)
-    model = DomainAdaptation(backbone=BACKBONE, weights="none", lr=args.lr, weight_decay=1e-4, temperature=2.0,
-                             num_classes=10, domain_hidden_dim=args.domain_hidden, channels_last=True,
-                             lr_annealing=True, **method.model, **extra)
+    model = DomainAdaptation(**{**dict(backbone=BACKBONE, weights="none", lr=args.lr, weight_decay=1e-4,
+                                       temperature=2.0, num_classes=10, domain_hidden_dim=args.domain_hidden,
+                                       channels_last=True, lr_annealing=True), **method.model, **extra})
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, default_root_dir=workdir)

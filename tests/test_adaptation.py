@@ -370,3 +370,19 @@ def test_domain_batchnorm_warm_starts_from_a_plain_source_checkpoint(tmp_path):
 
     L.Trainer(max_steps=1, callbacks=[AtStart()], **kwargs).fit(adapt, dm)
     assert torch.allclose(seen["target"], source.features.conv1[1].running_mean)
+
+
+def test_dann_batchnorm_overlay_fits_on_the_offline_pair(tmp_path):
+    """configs/adaptation/dann_batchnorm.yaml layered on a pair config: unsupervised DANN, digit_cnn, two sets of
+    BatchNorm statistics in the checkpoint."""
+    run_dir = tmp_path / "run"
+    run_cli("fit", "--config", CONFIG, "--config", "configs/adaptation/dann_batchnorm.yaml", *FAST,
+            f"--trainer.default_root_dir={run_dir}", "--trainer.max_epochs=1", "--data.init_args.epoch=3",
+            "--data.init_args.num_workers=0", "--data.init_args.source.init_args.samples_per_class=20",
+            "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1")
+    m = read_metrics(run_dir)
+    assert m["confusion"] == "gradient_reversal" and m["data_sizes"].get("target_labelled", 0) == 0
+    assert math.isfinite(m["metrics"]["test/target_acc"]) and "train/loss_soft" not in m["metrics"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    source, target = state["features.conv1.1.running_mean"], state["features.conv1.1.target_running_mean"]
+    assert int(state["features.conv1.1.target_num_batches_tracked"]) == 3 and not torch.allclose(source, target)
