@@ -151,7 +151,11 @@ def write_results(all_methods: list[Method], args, sizes: dict, wall_s: float) -
         "target pool (one source batch and one target batch per step), starting from the seed's source-only model "
         f"(soft labels at τ = 2 from it, ν = {args.nu}; confusion λ = {args.confusion_weight}, DANN λ = 1, both "
         "times λ_p). Accuracy of the final weights on the held-out MNIST-M test split (carved from MNIST-M "
-"train; no model selection on target labels), mean ± std over seeds.", "",
+"train; no model selection on target labels), mean ± std over seeds. The last row, \"DANN, digit_cnn + "
+        "per-domain BatchNorm\", is DANN with `digit_cnn` (the same layers with BatchNorm) and "
+        "`domain_batchnorm: true` (each domain normalised with its own batch statistics in training and its own "
+        "running statistics in evaluation; AdaBN, Li et al. 2016), trained from scratch for "
+        f"{getattr(args, 'dann_epochs', None) or args.adapt_epochs} epochs over the target pool.", "",
         "| method | labelled target / class | MNIST-M test acc (%) | MNIST test acc (%) | domain-classifier acc, "
         "test (%) | published (%) | fit time / run (s) |",
         "|---|---|---|---|---|---|---|",

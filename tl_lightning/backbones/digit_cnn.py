@@ -7,7 +7,8 @@ Registered in timm's model registry, so they are created, configured and grouped
   adaptation: BatchNorm's running statistics are the source domain's, and applied to MNIST-M they cut a
   source-only model from about 56% to about 25% (measured; ``bench/adaptation.py``).
 * ``digit_cnn`` - the same layers with BatchNorm, which trains faster within one domain (class-incremental
-  learning, feature-extraction tests).
+  learning, feature-extraction tests), and adapts best with per-domain statistics
+  (``DomainAdaptation(domain_batchnorm=True)``).
 """
 from __future__ import annotations
 
