@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test stress bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q --durations=20 --timeout=1200 tests
+
+stress: install  # the suite 3 times, each while two CPU-bound processes compete for the cores
+	bash tests/stress.sh 3
 
 bench: install
 	$(BIN)/python -m bench

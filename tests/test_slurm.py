@@ -85,27 +85,33 @@ def wait_for(condition, timeout: float, what: str, log: Path):
 
 @pytest.mark.slow
 def test_submit_trains_requeues_and_resumes(cluster, tmp_path):
-    root = tmp_path / "runs"
+    """SIGUSR1 (SLURM's warning before the time limit) requeues the job, which resumes from its HPC checkpoint.
+
+    Deterministic: ``HoldUntilSignal`` (tests/helpers/hold.py) holds both ranks inside epoch 1 until the signal
+    has reached them, so the job can neither finish before the signal nor get it before its first checkpoint."""
+    root, markers = tmp_path / "runs", tmp_path / "markers"
     epochs = 4
     proc = subprocess.run(
         [sys.executable, "-m", "tl_lightning", "submit", "--config", "configs/quickstart.yaml", "--devices", "2",
          "--cpus-per-task", "1", "--time", "00:30:00", "--job-name", "tl-test-requeue", "--run-root", str(root),
-         # augmented images: the backbone runs in every step, so an epoch takes long enough to interrupt
-         "--data.image_size=32", "--data.augment=true", f"--trainer.max_epochs={epochs}", "--data.num_workers=0",
-         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"],
+         "--data.image_size=32", f"--trainer.max_epochs={epochs}", "--data.num_workers=0",
+         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false",
+         "--trainer.callbacks+=tests.helpers.hold.HoldUntilSignal", f"--trainer.callbacks.marker_dir={markers}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
     run_dir, log = root / f"slurm-{job_id}", root / f"slurm-{job_id}.out"
     assert f"run directory: {run_dir}" in proc.stdout
     try:
-        # first epoch done (last.ckpt) -> SIGUSR1, as SLURM sends it 90 s before the time limit
-        wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), 420, "the first epoch", log)
+        # both ranks wait inside epoch 1 (epoch 0 checkpointed) -> SIGUSR1, as SLURM sends it before the time limit
+        holding = [markers / "holding-rank0", markers / "holding-rank1"]
+        wait_for(lambda: all(m.exists() for m in holding), 900, "both ranks to hold in epoch 1", log)
         assert job_field(job_id, "JobState") == "RUNNING"
+        assert (run_dir / "checkpoints" / "last.ckpt").exists()
         subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-        wait_for(lambda: job_field(job_id, "Restarts") == "1", 180, "the requeue", log)
+        wait_for(lambda: job_field(job_id, "Restarts") == "1", 900, "the requeue", log)
         wait_for(lambda: job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ""),
-                 600, "the requeued job to finish", log)
+                 900, "the requeued job to finish", log)
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
     text = log.read_text()
