@@ -1,4 +1,4 @@
-"""Command line: ``python -m tl_lightning {fit,validate,test,predict,submit,sweep,retrieve} ...`` (LightningCLI).
+"""Command line: ``python -m tl_lightning {fit,validate,test,predict,submit,sweep,retrieve,compare} ...`` (LightningCLI).
 
 Model and data are picked by ``class_path``/``init_args``; the task facts only the DataModule knows (class
 count, multi-label, class names) are linked into the model, and the model's backbone is linked into the data
@@ -30,6 +30,7 @@ EXTRA_COMMANDS = {
     "submit": "tl_lightning.slurm:main",
     "sweep": "tl_lightning.sweep:main",
     "retrieve": "tl_lightning.retrieval:main",
+    "compare": "tl_lightning.compare:main",
 }
 
 CONFIG_FILE = "config.yaml"
