@@ -1,4 +1,4 @@
-"""Command line: ``python -m tl_lightning {fit,validate,test,predict,submit,sweep,retrieve} ...`` (LightningCLI).
+"""Command line: ``python -m tl_lightning {fit,validate,test,predict,submit,sweep,retrieve,compare} ...`` (LightningCLI).
 
 Model and data are picked by ``class_path``/``init_args``; the task facts only the DataModule knows (class
 count, multi-label, class names) are linked into the model, and the model's backbone is linked into the data
@@ -16,6 +16,7 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from tl_lightning.callbacks.logger_resume import LoggerResume, resume_loggers
 from tl_lightning.callbacks.media import ConfusionMatrix, log_run_media
 from tl_lightning.callbacks.predictions import PredictionWriter
 from tl_lightning.callbacks.requeue import SLURMRequeue
@@ -30,6 +31,7 @@ EXTRA_COMMANDS = {
     "submit": "tl_lightning.slurm:main",
     "sweep": "tl_lightning.sweep:main",
     "retrieve": "tl_lightning.retrieval:main",
+    "compare": "tl_lightning.compare:main",
 }
 
 CONFIG_FILE = "config.yaml"
@@ -93,6 +95,8 @@ class TLCLI(LightningCLI):
                 name = os.path.splitext(os.path.basename(str(configs[-1])))[0]
             config.trainer.default_root_dir = os.path.join("runs", name)
         place_loggers_in_run_dir(config.trainer)
+        if self.subcommand == "fit":  # a resumed fit logs into the same W&B run and TensorBoard/CSV version
+            resume_loggers(config.trainer, config.get("ckpt_path"))
 
     def instantiate_trainer(self, **kwargs):
         strategy = self._get(self.config_init, "trainer", default={}).get("strategy")
@@ -148,7 +152,8 @@ def run_cli(args: Optional[list[str]] = None, run: bool = True) -> TLCLI:
         subclass_mode_data=True,
         save_config_callback=SaveRunConfig,
         parser_class=TLArgumentParser,
-        trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), SLURMRequeue(), PredictionWriter(), ConfusionMatrix()]},
+        trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), SLURMRequeue(), PredictionWriter(), ConfusionMatrix(),
+                                         LoggerResume()]},
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,

@@ -76,6 +76,7 @@ class WandbLogger(_LightningWandbLogger):
         group: Optional[str] = None,
         notes: Optional[str] = None,
         offline: Optional[bool] = None,
+        resume: Optional[str] = "allow",
         **kwargs: Any,
     ):
         """
@@ -89,6 +90,8 @@ class WandbLogger(_LightningWandbLogger):
             group: W&B run group (e.g. one per sweep or per experiment).
             notes: free-text notes on the run.
             offline: ``None`` decides automatically (key and server present -> online); True/False force it.
+            resume: ``wandb.init``'s ``resume``; with ``"allow"`` a run given an existing ``id`` (a resumed fit
+                gets the id stored in its checkpoint) continues that run instead of starting a new one.
             **kwargs: more ``wandb.init`` arguments (``job_type``, ``config``, ...).
         """
         if offline is None:
@@ -103,7 +106,7 @@ class WandbLogger(_LightningWandbLogger):
             os.makedirs(save_dir, exist_ok=True)
         super().__init__(project=project, entity=entity, tags=list(tags) if tags else None, log_model=log_model,
                          name=name, save_dir=save_dir if save_dir is not None else ".", offline=offline,
-                         group=group, notes=notes, **kwargs)
+                         group=group, notes=notes, resume=resume, **kwargs)
 
 
 def _is_wandb_logger(class_path: Any) -> bool:

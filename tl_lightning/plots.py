@@ -96,6 +96,7 @@ def log_image(trainer, key: str, path: str) -> list[str]:
         elif type(logger).__name__ == "TensorBoardLogger":
             import matplotlib.image as mpimg
 
-            logger.experiment.add_image(key, mpimg.imread(path)[..., :3], dataformats="HWC")
+            logger.experiment.add_image(key, mpimg.imread(path)[..., :3], global_step=trainer.global_step,
+                                        dataformats="HWC")
             logged.append(type(logger).__name__)
     return logged

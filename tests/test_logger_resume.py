@@ -1,0 +1,76 @@
+"""A fit resumed with ``--ckpt_path`` continues the same W&B run (id stored in the checkpoint, two offline segments
+of one run id, steps continuous, none twice) and the same TensorBoard version folder."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import REPO
+from test_wandb import _history, wandb_records
+from tl_lightning.callbacks.logger_resume import CHECKPOINT_KEY
+
+QUICK = ("--config", "configs/quickstart.yaml", "--data.image_size=32", "--model.embedding=pooled",
+         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0",
+         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.log_every_n_steps=1")
+
+
+def fit(run_dir: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "tl_lightning", "fit", *QUICK, f"--trainer.default_root_dir={run_dir}",
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def two_segments(run_dir: Path, *args: str) -> str:
+    """Fit 2 epochs, then resume from last.ckpt to 4 epochs; returns the second segment's output."""
+    fit(run_dir, "--trainer.max_epochs=2", *args)
+    return fit(run_dir, "--trainer.max_epochs=4", f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", *args)
+
+
+def _segment(folder: Path) -> tuple[str, list[dict]]:
+    records = list(wandb_records(next(folder.glob("run-*.wandb"))))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    return run.run_id, _history(records)
+
+
+def test_resumed_fit_continues_the_same_wandb_run_without_repeating_steps(tmp_path):
+    run_dir = tmp_path / "run"
+    out = two_segments(run_dir, "--config", "configs/logger/wandb.yaml")
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2, segments
+    (id1, rows1), (id2, rows2) = (_segment(s) for s in segments)
+    assert id1 == id2 and segments[0].name.endswith(id1)  # one run id, two offline segments of it
+    assert f"logging continues with wandb id {id1}" in out
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt[CHECKPOINT_KEY]["wandb"] == id1
+
+    def epochs(rows):  # global step of each validation epoch
+        return [(int(r["epoch"]), int(r["trainer/global_step"])) for r in rows if "val/acc" in r]
+
+    first, second = epochs(rows1), epochs(rows2)
+    assert [e for e, _ in first] == [0, 1] and [e for e, _ in second] == [2, 3]  # the epochs go on, none again
+    steps = [s for _, s in first + second]
+    assert steps == sorted(set(steps))  # strictly increasing across both segments: no step logged twice
+    per_epoch = steps[1] - steps[0]
+    assert all(b - a == per_epoch for a, b in zip(steps, steps[1:]))  # continuous: no gap, no restart at 0
+    train_steps1 = [r["trainer/global_step"] for r in rows1 if "train/loss" in r]
+    train_steps2 = [r["trainer/global_step"] for r in rows2 if "train/loss" in r]
+    assert train_steps2 and min(train_steps2) > max(train_steps1)
+
+
+def test_resumed_fit_logs_into_the_same_tensorboard_version(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    out = two_segments(run_dir)  # no logger configured: Lightning's default, TensorBoard
+    versions = sorted(p.name for p in (run_dir / "lightning_logs").iterdir())
+    assert versions == ["version_0"]
+    assert "logging continues with tensorboard version 0" in out
+    events = EventAccumulator(str(run_dir / "lightning_logs" / "version_0"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("val/acc")]
+    assert len(steps) == 4 and steps == sorted(set(steps))
+    assert sorted({int(e.value) for e in events.Scalars("epoch") if e.step in steps}) == [0, 1, 2, 3]

@@ -1,0 +1,95 @@
+"""TensorBoard is the default logger: a finished quickstart run, served by a real ``tensorboard`` and loaded in
+headless Chromium, shows its scalars (the values metrics.json holds) and its plots as images."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_metrics, run_cli
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+QUICK = ("--config", str(REPO / "configs/quickstart.yaml"), "--data.image_size=32", "--trainer.max_epochs=2",
+         "--model.embedding=pooled", "--trainer.accelerator=cpu", "--trainer.devices=1",
+         "--trainer.enable_progress_bar=false", "--data.num_workers=0")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    run_cli("fit", *QUICK, f"--trainer.default_root_dir={runs / 'quickstart'}")  # no logger given: the default
+    return runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read()
+
+
+@pytest.fixture
+def tensorboard(finished_run):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(finished_run), "--host",
+                             "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180  # a safety net: the handshake is the run showing up in /data/runs
+    try:
+        while True:
+            try:
+                if json.loads(_get(f"{base}/data/runs")):
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, "tensorboard exited"
+            assert time.monotonic() < deadline, "tensorboard did not list the run"
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_a_run_logs_to_tensorboard_by_default_beside_metrics_json(finished_run):
+    run = finished_run / "quickstart"
+    assert (run / "metrics.json").is_file()
+    assert list((run / "lightning_logs" / "version_0").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_in_chromium_shows_the_runs_scalars_and_images(finished_run, tensorboard):
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium); the browser check needs it")
+    run_name = "quickstart/lightning_logs/version_0"
+    assert json.loads(_get(f"{tensorboard}/data/runs")) == [run_name]
+    # the scalar values TensorBoard serves are the run's per-epoch values from metrics.json
+    query = urllib.parse.urlencode({"run": run_name, "tag": "val/acc"})
+    served = [v for _t, _s, v in json.loads(_get(f"{tensorboard}/data/plugin/scalars/scalars?{query}"))]
+    history = [h["val/acc"] for h in read_metrics(finished_run / "quickstart")["history"]]
+    assert served == pytest.approx(history, abs=1e-6)
+
+    url = f"{tensorboard}/?tagFilter={urllib.parse.quote('val/|test/|media/')}#timeseries"
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,9000",
+                           "--virtual-time-budget=30000", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=300)
+    dom = proc.stdout
+    assert run_name in dom
+    for tag in ("val/acc", "val/loss", "test/acc", "media/learning_curves", "media/confusion_matrix"):
+        assert tag in dom, f"{tag} is not on the rendered page"
+    images = re.findall(r'<img[^>]*src="(data/plugin/timeseries/imageData\?[^"]+)"', dom)
+    assert len(images) >= 2  # learning curves and confusion matrix, rendered as <img> by the page
+    for src in images:
+        assert _get(f"{tensorboard}/{src.replace('&amp;', '&')}")[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,130 @@
+"""A resumed run keeps logging where it left off: the same W&B run, the same TensorBoard version folder.
+
+``LoggerResume`` writes each logger's identity into every checkpoint (``checkpoint["tl_loggers"]``): the W&B run
+id and the TensorBoard ``version``. Before a resumed ``fit`` builds its Trainer, the CLI reads them back from
+the checkpoint it resumes from (``--ckpt_path``, or under SLURM the ``hpc_ckpt_<n>.ckpt`` a requeued job restores)
+and configures the loggers with them: W&B gets ``id`` (``tl_lightning.loggers.WandbLogger`` always passes
+``resume="allow"``), TensorBoard gets ``version`` (the default logger included). A CSV logger is left to write a
+new version folder: Lightning's CSV writer deletes the ``metrics.csv`` of a folder it reopens. The resumed trainer
+starts at the checkpoint's global step, so every step it logs comes after the last step the checkpoint had seen
+(a run killed between checkpoints has logged steps past its last checkpoint; they are logged again).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+CHECKPOINT_KEY = "tl_loggers"
+#: loggers whose identity is stored: checkpoint name -> (Logger class, the init argument that takes it)
+#: (not CSVLogger: Lightning's CSV writer deletes the metrics.csv it finds in its version folder, so a resumed
+#: CSV logger keeps Lightning's default, a new version folder, and the earlier rows stay)
+KINDS = {"wandb": (WandbLogger, "id"), "tensorboard": (TensorBoardLogger, "version")}
+
+
+def logger_identities(loggers) -> dict[str, Any]:
+    """``{"wandb": run id, "tensorboard": version}`` of the loggers that have one."""
+    found: dict[str, Any] = {}
+    for logger in loggers:
+        for kind, (cls, _arg) in KINDS.items():
+            if isinstance(logger, cls) and kind not in found:
+                version = logger.version
+                if version is not None and version != "":
+                    found[kind] = version
+    return found
+
+
+class LoggerResume(L.Callback):
+    """Stores the loggers' identities (W&B run id, TensorBoard version) in every checkpoint."""
+
+    def on_save_checkpoint(self, trainer: "L.Trainer", pl_module: "L.LightningModule", checkpoint: dict) -> None:
+        if trainer.is_global_zero:
+            checkpoint[CHECKPOINT_KEY] = logger_identities(trainer.loggers)
+
+
+def stored_identities(ckpt_path: str) -> dict[str, Any]:
+    """The identities a checkpoint holds (empty for checkpoints written without ``LoggerResume``)."""
+    try:  # memory-mapped: only the small entry is read, not the weights
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, ValueError):  # an old (non-zip) serialisation cannot be memory-mapped
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    value = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def hpc_checkpoint(run_dir: str) -> Optional[str]:
+    """The ``hpc_ckpt_<n>.ckpt`` with the highest ``n`` in ``run_dir`` (what Lightning restores under SLURM)."""
+    numbered = []
+    for path in glob.glob(os.path.join(glob.escape(run_dir), "hpc_ckpt_*.ckpt")):
+        match = re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", os.path.basename(path))
+        if match:
+            numbered.append((int(match.group(1)), path))
+    return max(numbered)[1] if numbered else None
+
+
+def resume_checkpoint(ckpt_path: Optional[str], run_dir: str) -> Optional[str]:
+    """The checkpoint a ``fit`` will resume from: ``ckpt_path`` when it is a file, else under SLURM the run
+    folder's newest HPC checkpoint (Lightning restores that one by itself)."""
+    if ckpt_path:
+        return str(ckpt_path) if os.path.isfile(str(ckpt_path)) else None
+    if SLURMEnvironment.detect():
+        return hpc_checkpoint(run_dir)
+    return None
+
+
+def _class_of(class_path: Any):
+    if not isinstance(class_path, str):
+        return None
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def configure_resumed_loggers(trainer_config, identities: dict[str, Any]) -> list[str]:
+    """Give the configured loggers the stored identities (only where the config leaves them unset); the default
+    logger (``logger`` unset or true) becomes an explicit TensorBoard logger with the stored version.
+    Returns what was set, e.g. ``["wandb id abc123", "tensorboard version 0"]``."""
+    from jsonargparse import Namespace
+
+    loggers = trainer_config.get("logger")
+    if loggers is False or not identities:
+        return []
+    done = []
+    if loggers in (None, True):
+        if "tensorboard" not in identities:
+            return []
+        init_args = Namespace(save_dir=str(trainer_config.get("default_root_dir")), version=identities["tensorboard"])
+        trainer_config["logger"] = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=init_args)
+        return [f"tensorboard version {identities['tensorboard']}"]
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        cls = _class_of(logger.get("class_path")) if hasattr(logger, "get") else None
+        for kind, (base, arg) in KINDS.items():
+            if cls is None or not issubclass(cls, base) or kind not in identities:
+                continue
+            if logger.get("init_args") is None:
+                logger["init_args"] = Namespace()
+            if logger["init_args"].get(arg) in (None, ""):
+                logger["init_args"][arg] = identities[kind]
+                done.append(f"{kind} {arg} {identities[kind]}")
+    return done
+
+
+def resume_loggers(trainer_config, ckpt_path: Optional[str]) -> list[str]:
+    """Before a ``fit`` builds its Trainer: when it resumes, configure its loggers with the identities stored in
+    the checkpoint it resumes from (see the module docstring); returns what was set."""
+    ckpt = resume_checkpoint(ckpt_path, str(trainer_config.get("default_root_dir")))
+    done = configure_resumed_loggers(trainer_config, stored_identities(ckpt)) if ckpt else []
+    if done:
+        rank_zero_info(f"resuming from {ckpt}: logging continues with " + ", ".join(done))
+    return done
