@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, read_metrics, run_cli
-from tl_lightning import sweep
+from tl_lightning import sweep, sweep_trials
 from tl_lightning.errors import TLError
 
 SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -151,7 +151,7 @@ def test_hyperband_early_termination_stops_a_bad_trial(tmp_path, monkeypatch):
 
     Deterministic: the bad trial blocks after its third epoch until the runner acts on it, so the verdict does
     not depend on how fast the trial runs against the poll interval."""
-    monkeypatch.setattr(sweep, "POLL_S", 0.3)
+    monkeypatch.setattr(sweep_trials, "POLL_S", 0.3)
     script = tmp_path / "epochs.py"
     script.write_text(EPOCHS_SCRIPT)
     config = {
