@@ -38,13 +38,15 @@ def test_fit_tests_the_best_checkpoint_and_writes_metrics_json(fitted_run):
     assert (fitted_run / "learning_curves.png").stat().st_size > 1000
 
 
-def test_saved_config_records_overrides_and_repeat_runs_overwrite(fitted_run):
+def test_saved_config_records_overrides_and_a_fresh_run_never_overwrites(fitted_run, capsys):
     saved = yaml.safe_load((fitted_run / "config.yaml").read_text())
     assert saved["model"]["init_args"]["lr"] == 0.01 and saved["data"]["init_args"]["image_size"] == 32
-    first = read_metrics(fitted_run)["wall_time_s"]
-    run_cli("fit", *QUICK, "--trainer.max_epochs=1", "--test_after_fit=false", f"--trainer.default_root_dir={fitted_run}")
-    again = read_metrics(fitted_run)
-    assert again["wall_time_s"] != first and "test/acc" not in again["metrics"] and len(again["history"]) == 1
+    before = (fitted_run / "metrics.json").read_bytes()
+    with pytest.raises(SystemExit) as exc:  # a typed run folder holding a finished run is not reused
+        run_cli("fit", *QUICK, "--trainer.max_epochs=1", "--test_after_fit=false",
+                f"--trainer.default_root_dir={fitted_run}")
+    assert exc.value.code == 2 and "already holds a finished run" in capsys.readouterr().err
+    assert (fitted_run / "metrics.json").read_bytes() == before
 
 
 def test_validate_test_and_predict_from_a_checkpoint(fitted_run, tmp_path):

@@ -24,6 +24,7 @@ from tl_lightning.backbones import check_backbone_name
 from tl_lightning.errors import TLError
 from tl_lightning.loggers import place_loggers_in_run_dir
 from tl_lightning.methods.base import TransferModule
+from tl_lightning import run_folders
 
 #: subcommands that are not Trainer entry points: name -> "module:function(argv)"
 EXTRA_COMMANDS = {
@@ -72,7 +73,22 @@ class TLCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         self._started = time.perf_counter()
         self._started_wall = time.time()  # PNGs written after this are logged as media
+        argv = kwargs.get("args")
+        self._argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        command = self.config.get("subcommand")
+        config = self.config[command] if command else self.config
+        self._root_typed = run_folders.root_dir_typed(self._argv)
+        self._root = config.trainer.get("default_root_dir")
+        if not self._root:
+            configs = config.get("config") or []
+            name = os.path.splitext(os.path.basename(str(configs[-1])))[0] if configs else "run"
+            self._root = os.path.join("runs", name)
+        if command and config.get("ckpt_path") == "last":
+            config.ckpt_path = run_folders.resolve_last(self._root, self._root_typed)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -86,12 +102,10 @@ class TLCLI(LightningCLI):
         backbone = (config.get("model") or {}).get("init_args", {}).get("backbone")
         if backbone:
             check_backbone_name(backbone)
-        if not config.trainer.get("default_root_dir"):
-            name = "run"
-            configs = config.get("config") or []
-            if configs:
-                name = os.path.splitext(os.path.basename(str(configs[-1])))[0]
-            config.trainer.default_root_dir = os.path.join("runs", name)
+        run_dir = run_folders.choose_run_dir(self._root, self._root_typed, self.subcommand or "fit",
+                                             config.get("ckpt_path"))
+        config.trainer.default_root_dir = run_dir
+        run_folders.hand_over(self._root, run_dir)
         place_loggers_in_run_dir(config.trainer)
 
     def instantiate_trainer(self, **kwargs):
@@ -170,7 +184,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             module, func = EXTRA_COMMANDS[argv[0]].split(":")
             getattr(importlib.import_module(module), func)(argv[1:])
             return
-        run_cli(None if argv == sys.argv[1:] else argv)
+        try:
+            run_cli(None if argv == sys.argv[1:] else argv)
+        except BaseException:
+            run_folders.discard_unused_run_folders()  # a command that failed early leaves no run folder behind
+            raise
+        run_folders.forget_created()
     except TLError as e:
         print(f"error: {_user_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
