@@ -16,6 +16,7 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from tl_lightning.callbacks.interrupt import InterruptCheckpoint, take_stop_signal
 from tl_lightning.callbacks.media import ConfusionMatrix, log_run_media
 from tl_lightning.callbacks.predictions import PredictionWriter
 from tl_lightning.callbacks.requeue import SLURMRequeue
@@ -24,7 +25,7 @@ from tl_lightning.backbones import check_backbone_name
 from tl_lightning.errors import TLError
 from tl_lightning.loggers import place_loggers_in_run_dir
 from tl_lightning.methods.base import TransferModule
-from tl_lightning import run_folders
+from tl_lightning import atomic, checkpoint_args, run_folders
 
 #: subcommands that are not Trainer entry points: name -> "module:function(argv)"
 EXTRA_COMMANDS = {
@@ -46,9 +47,7 @@ class SaveRunConfig(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         run_dir = trainer.default_root_dir
-        os.makedirs(run_dir, exist_ok=True)
-        self.parser.save(self.config, os.path.join(run_dir, CONFIG_FILE), skip_none=False, overwrite=True,
-                         multifile=False)
+        atomic.write_text(os.path.join(run_dir, CONFIG_FILE), self.parser.dump(self.config, skip_none=False))
 
 
 class TLArgumentParser(LightningArgumentParser):
@@ -89,6 +88,12 @@ class TLCLI(LightningCLI):
             self._root = os.path.join("runs", name)
         if command and config.get("ckpt_path") == "last":
             config.ckpt_path = run_folders.resolve_last(self._root, self._root_typed)
+        self._typed_model_values = {}
+        if command and config.get("ckpt_path"):  # checked before LightningCLI merges the checkpoint's hparams
+            hparams = checkpoint_args.read_hyperparameters(str(config.ckpt_path))
+            model = config.get("model")
+            checkpoint_args.check_method_class(str(config.ckpt_path), hparams, model.get("class_path") if model else None)
+            self._typed_model_values = checkpoint_args.typed_values(model, self._argv) if model else {}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -99,6 +104,11 @@ class TLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self._typed_model_values:
+            notes = checkpoint_args.reconcile_typed_flags(self.subcommand, str(config.ckpt_path), config.model,
+                                                         self._typed_model_values)
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
         backbone = (config.get("model") or {}).get("init_args", {}).get("backbone")
         if backbone:
             check_backbone_name(backbone)
@@ -114,6 +124,8 @@ class TLCLI(LightningCLI):
             # manual optimisation steps parts of the model on their own (e.g. a domain classifier on detached
             # features), so a backward pass may leave parameters without gradients: DDP must expect that
             kwargs.setdefault("strategy", "ddp_find_unused_parameters_true")
+        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+            kwargs.setdefault("plugins", [atomic.AtomicCheckpointIO()])  # checkpoints written atomically
         return super().instantiate_trainer(**kwargs)
 
     # ----- results -----------------------------------------------------------------------------------------
@@ -155,6 +167,7 @@ class TLCLI(LightningCLI):
 
 
 def run_cli(args: Optional[list[str]] = None, run: bool = True) -> TLCLI:
+    argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
     return TLCLI(
         TransferModule,
         L.LightningDataModule,  # TLDataModule or a wrapper of them (e.g. the domain-adaptation pair)
@@ -162,7 +175,8 @@ def run_cli(args: Optional[list[str]] = None, run: bool = True) -> TLCLI:
         subclass_mode_data=True,
         save_config_callback=SaveRunConfig,
         parser_class=TLArgumentParser,
-        trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), SLURMRequeue(), PredictionWriter(), ConfusionMatrix()]},
+        trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), SLURMRequeue(), PredictionWriter(), ConfusionMatrix(),
+                                        InterruptCheckpoint(argv)]},
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
@@ -184,10 +198,14 @@ def main(argv: Optional[list[str]] = None) -> None:
             module, func = EXTRA_COMMANDS[argv[0]].split(":")
             getattr(importlib.import_module(module), func)(argv[1:])
             return
+        take_stop_signal()
         try:
             run_cli(None if argv == sys.argv[1:] else argv)
         except BaseException:
             run_folders.discard_unused_run_folders()  # a command that failed early leaves no run folder behind
+            stopped_by = take_stop_signal()
+            if stopped_by is not None:  # killed: never exit 0 (143 = SIGTERM, 130 = SIGINT)
+                raise SystemExit(128 + stopped_by) from None
             raise
         run_folders.forget_created()
     except TLError as e:

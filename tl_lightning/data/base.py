@@ -88,10 +88,15 @@ class FileSource(Source):
 
     def identity(self) -> str:
         h = hashlib.sha1()
-        for p in self.paths:
-            h.update(p.encode())
+        for p in self.paths:  # a replaced or edited image changes its size or modification time
+            try:
+                st = os.stat(p)
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            except OSError:
+                h.update(f"{p}\0missing\0".encode())
         h.update(self.targets.tobytes())
-        h.update(str(self.crop_boxes is not None).encode())
+        if self.crop_boxes is not None:
+            h.update(np.ascontiguousarray(self.crop_boxes, dtype=np.float64).tobytes())
         return h.hexdigest()
 
     def describe(self, index: int) -> str:
@@ -112,7 +117,7 @@ class ArraySource(Source):
     def identity(self) -> str:
         h = hashlib.sha1(self.name.encode())
         h.update(str(self.images.shape).encode())
-        h.update(np.ascontiguousarray(self.images[:: max(1, len(self.images) // 64)]).tobytes())
+        h.update(np.ascontiguousarray(self.images).tobytes())  # every image, not a sample of them
         h.update(self.targets.tobytes())
         return h.hexdigest()
 
