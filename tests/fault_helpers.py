@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,21 @@ def experiment_overlay(tmp_path: Path, root: Path) -> str:
     overlay = tmp_path / f"overlay-{root.name}.yaml"
     overlay.write_text(f"trainer:\n  default_root_dir: {root}\n")
     return str(overlay)
+
+
+def one_error(capsys, *args) -> str:
+    """Run the CLI in this process, expect exit 2 and exactly one ``error:`` line, no traceback; return the line.
+
+    (A "--- Logging error ---" report of Python's logging, a handler left on an earlier test's closed capture
+    stream, is not output of the command and is ignored.)
+    """
+    import pytest
+
+    from conftest import run_cli
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(*args)
+    err = re.sub(r"--- Logging error ---.*?Arguments: \(.*?\)\n", "", capsys.readouterr().err, flags=re.S)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert exc.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import FAST, REPO, read_metrics, run_cli
-from fault_helpers import QUICK, experiment_overlay
+from fault_helpers import QUICK, experiment_overlay, one_error
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +17,6 @@ def feature_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("fe") / "run"
     run_cli("fit", *QUICK, "--trainer.max_epochs=1", "--test_after_fit=false", f"--trainer.default_root_dir={run}")
     return run
-
-
-def one_error(capsys, *args) -> str:
-    with pytest.raises(SystemExit) as exc:
-        run_cli(*args)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert exc.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_checkpoint_of_another_method_is_refused(feature_run, tmp_path, capsys):
@@ -71,3 +62,33 @@ def test_missing_and_truncated_checkpoints_are_one_sentence(feature_run, tmp_pat
     msg = one_error(capsys, "fit", *QUICK, "--config", overlay, f"--ckpt_path={truncated}")
     assert "truncated.ckpt' cannot be read" in msg and "truncated or not a Lightning checkpoint" in msg
     assert not root.exists() or not any(root.iterdir())
+
+
+class _RunsCodeOnLoad:
+    """A pickle that creates a file when it is unpickled (what weights_only=False would allow)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_source_checkpoint_loads_with_weights_only(tmp_path):
+    import torch
+
+    from tl_lightning.errors import TLError
+    from tl_lightning.methods.adaptation import DomainAdaptation
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCodeOnLoad(marker)}, evil)
+    adapt = DomainAdaptation(backbone="digit_cnn", num_classes=10)
+    with pytest.raises(TLError, match=r"cannot read source_checkpoint .*weights_only=True"):
+        adapt._load_teacher(str(evil))
+    assert not marker.exists()
+    # a checkpoint the project writes (tensors only) still loads with weights_only=True
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {f"features.{k}": v for k, v in adapt.features.state_dict().items()} |
+                {f"classifier.{k}": v for k, v in adapt.classifier.state_dict().items()}}, good)
+    assert adapt._load_teacher(str(good)) is not None

@@ -33,13 +33,14 @@ def small_disk(tmp_path):
 def fill(disk: Path, leave_bytes: int) -> None:
     """Fill the disk until a write fails, then free ``leave_bytes``."""
     filler = disk / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (1 << 20))
-                f.flush()
-        except OSError:
-            pass
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * (64 << 10))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     with open(filler, "r+b") as f:
         f.truncate(max(0, filler.stat().st_size - leave_bytes))
 

@@ -84,8 +84,10 @@ def save_figure(fig: Any, path: str, **kwargs: Any) -> None:
 
 
 def torch_save(obj: Any, path: str) -> None:
+    buffer = io.BytesIO()  # serialised first: a failing disk then surfaces as an OSError of the write below
+    torch.save(obj, buffer)
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

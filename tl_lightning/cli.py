@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from typing import Optional
 
 import lightning as L
@@ -25,6 +26,7 @@ from tl_lightning.backbones import check_backbone_name
 from tl_lightning.errors import TLError
 from tl_lightning.loggers import place_loggers_in_run_dir
 from tl_lightning.methods.base import TransferModule
+from tl_lightning.parser_errors import explain as explain_parser_error
 from tl_lightning import atomic, checkpoint_args, run_folders
 
 #: subcommands that are not Trainer entry points: name -> "module:function(argv)"
@@ -53,6 +55,9 @@ class SaveRunConfig(SaveConfigCallback):
 class TLArgumentParser(LightningArgumentParser):
     """Parser whose errors are one line (``error: ...``) plus a pointer to ``--help``, not a usage wall."""
 
+    #: the command line being parsed (names the file of a YAML error)
+    argv: list[str] = []
+
     def error(self, message: str, ex: Optional[Exception] = None):
         if not self.exit_on_error:  # a nested parser: let the outer one report
             return super().error(message, ex)
@@ -60,8 +65,7 @@ class TLArgumentParser(LightningArgumentParser):
         if last is not None and str(last) in str(message):
             text = _user_message(last)
         else:
-            lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
-            text = " ".join(lines[:3]) + " (run with --help to list the options)"
+            text = explain_parser_error(str(message), TLArgumentParser.argv)
         print(f"error: {text}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -74,6 +78,7 @@ class TLCLI(LightningCLI):
         self._started_wall = time.time()  # PNGs written after this are logged as media
         argv = kwargs.get("args")
         self._argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+        TLArgumentParser.argv = self._argv
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
@@ -166,9 +171,34 @@ class TLCLI(LightningCLI):
         self._finish("test", dict(self.trainer.callback_metrics))
 
 
-def run_cli(args: Optional[list[str]] = None, run: bool = True) -> TLCLI:
+class ArgumentCheck(TLCLI):
+    """Parses a command line and stops: no run folder, no model, no data (``submit`` checks ``fit``'s arguments)."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def check_arguments(args: list[str]) -> None:
+    """Parse ``fit`` arguments (``--config ... --model.lr=...``, no subcommand) as the CLI would; a bad one is one
+    ``error:`` line and exit 2. ``--ckpt_path`` is left out (it belongs to the subcommand, checked when it runs)."""
+    kept, skip = [], False
+    for arg in args:
+        if skip or arg == "--ckpt_path":
+            skip = not skip
+            continue
+        if not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "args and command line arguments both given": intended here
+        run_cli(kept, run=False, cli_class=ArgumentCheck)
+
+
+def run_cli(args: Optional[list[str]] = None, run: bool = True, cli_class: type = TLCLI) -> TLCLI:
     argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
-    return TLCLI(
+    return cli_class(
         TransferModule,
         L.LightningDataModule,  # TLDataModule or a wrapper of them (e.g. the domain-adaptation pair)
         subclass_mode_model=True,

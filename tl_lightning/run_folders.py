@@ -145,6 +145,8 @@ def choose_run_dir(root: str, typed: bool, command: str, ckpt_path: Optional[str
         if command == "fit" and not ckpt_path and os.path.isfile(os.path.join(root, "metrics.json")):
             raise TLError(f"'{root}' already holds a finished run (metrics.json); resume it with --ckpt_path, "
                           f"or pass a new {_ROOT_FLAG} (or leave it out for a fresh versioned run folder).")
+        if not os.path.exists(root):
+            _created.append(root)  # removed again if the command fails before writing a checkpoint
         return root
     handed = handed_over(root)
     if handed:

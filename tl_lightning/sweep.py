@@ -31,6 +31,7 @@ import yaml
 
 from tl_lightning.callbacks.history import read_history
 from tl_lightning.errors import TLError
+from tl_lightning.parser_errors import yaml_sentence
 
 HISTORY_CALLBACK = "--trainer.callbacks+=tl_lightning.callbacks.history.HistoryStream"
 POLL_S = 2.0
@@ -106,7 +107,7 @@ def load_sweep(path: str) -> dict:
     except FileNotFoundError:
         raise TLError(f"sweep file '{path}' does not exist; pass a file from sweeps/.") from None
     except yaml.YAMLError as e:
-        raise TLError(f"sweep file '{path}' is not valid YAML ({str(e).splitlines()[0]}).") from None
+        raise TLError(f"sweep file {yaml_sentence(path, e)}") from None
     if not isinstance(config, dict):
         raise TLError(f"sweep file '{path}' must be a mapping with method, metric, parameters and command.")
     try:

@@ -38,15 +38,38 @@ def resume_command(argv: Sequence[str], ckpt_path: str) -> str:
 
 
 class InterruptCheckpoint(L.Callback):
-    """On SIGTERM/SIGINT during ``fit``: save ``last.ckpt`` where the checkpoint callback keeps it, say how to resume."""
+    """On SIGTERM/SIGINT during ``fit``: save ``last.ckpt`` where the checkpoint callback keeps it, say how to resume.
+
+    In a single process the signal only sets a flag; the run stops at the next training-batch boundary, so a
+    validation in progress finishes and the epoch's history row and last.ckpt are written first, and the saved
+    state resumes cleanly. A second Ctrl+C stops at once. Under DDP, Lightning's own SIGTERM handling applies.
+    """
 
     def __init__(self, argv: Optional[Sequence[str]] = None):
         self.argv = list(argv) if argv is not None else list(sys.argv[1:])
+        self.received: Optional[int] = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received = None
+        if trainer.world_size == 1:  # installed after Lightning's handlers, which it restores when fit ends
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl+C: stop now
+        self.received = signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if self.received is not None:
+            raise SIGTERMException()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit":
             return
-        if isinstance(exception, SIGTERMException):
+        if self.received is not None:
+            signum = self.received
+        elif isinstance(exception, SIGTERMException):
             signum = signal.SIGTERM
         elif isinstance(exception, KeyboardInterrupt):
             signum = signal.SIGINT

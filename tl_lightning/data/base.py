@@ -160,6 +160,11 @@ class SampleSet(Dataset):
         return h.hexdigest()
 
 
+def check_batch_size(batch_size: int, option: str = "--data.batch_size") -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise TLError(f"{option} must be a positive number of samples per batch, got {batch_size}; e.g. {option}=64.")
+
+
 def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions (keep, carved): ``fraction`` of each class carved out (at least one where a class has two+)."""
     rng = np.random.default_rng(seed)
@@ -249,6 +254,7 @@ class TLDataModule(L.LightningDataModule):
             raise TLError("val_fraction and test_fraction must be in [0, 1); fix --data.val_fraction/test_fraction.")
         if train_fraction is not None and not 0 < train_fraction <= 1:
             raise TLError("train_fraction must be in (0, 1]; fix --data.train_fraction.")
+        check_batch_size(batch_size)
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
