@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from tl_lightning.atomic import write_text
 from tl_lightning.errors import TLError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
@@ -115,8 +116,7 @@ def submit(script: str, runs_root: str) -> str:
         raise TLError("`sbatch` was not found; run `submit` on a SLURM login node, or use --dry-run to see the script.")
     os.makedirs(runs_root, exist_ok=True)
     path = os.path.join(runs_root, f"submit-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
-    with open(path, "w") as f:
-        f.write(script)
+    write_text(path, script)
     proc = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)
     if proc.returncode != 0:
         reason = (proc.stderr or proc.stdout).strip().splitlines()

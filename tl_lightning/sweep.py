@@ -30,6 +30,7 @@ from typing import Optional
 import yaml
 
 from tl_lightning.callbacks.history import read_history
+from tl_lightning.atomic import atomic_open, write_text
 from tl_lightning.errors import TLError
 from tl_lightning.parser_errors import yaml_sentence
 
@@ -148,8 +149,7 @@ def trial_command(config: dict, params: dict, run_dir: str) -> list[str]:
     if "${args_json_file}" in command:
         path = os.path.join(run_dir, "args.json")
         os.makedirs(run_dir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(macros["args_json"][0])
+        write_text(path, macros["args_json"][0])
         macros["args_json_file"] = [path]
     out = []
     for chunk in map(str, command):
@@ -241,13 +241,13 @@ def write_leaderboard(trials: list[Trial], config: dict, sweep_dir: str) -> tupl
         value = "" if t.metric is None else f"{t.metric:.4f}"
         rows.append([str(i), *(str(t.params.get(k, "")) for k in keys), value, t.state, f"{t.wall_s:.1f}", t.run_dir])
     md = os.path.join(sweep_dir, "leaderboard.md")
-    with open(md, "w") as f:
+    with atomic_open(md, "w") as f:
         f.write(f"# Sweep leaderboard: {metric} ({goal}), method {config['method']}\n\n")
         f.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
         for row in rows:
             f.write("| " + " | ".join(row) + " |\n")
     csv_path = os.path.join(sweep_dir, "leaderboard.csv")
-    with open(csv_path, "w", newline="") as f:
+    with atomic_open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
@@ -279,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     trials: list[Trial] = []
     if not args.dry_run:
         os.makedirs(sweep_dir, exist_ok=True)
-        with open(os.path.join(sweep_dir, "sweep.yaml"), "w") as f:
+        with atomic_open(os.path.join(sweep_dir, "sweep.yaml"), "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
     for i in range(count):
         proposal = sweeps.next_run(config, [sweep_run(t, metric) for t in trials], validate=True)
