@@ -38,13 +38,15 @@ def test_fit_tests_the_best_checkpoint_and_writes_metrics_json(fitted_run):
     assert (fitted_run / "learning_curves.png").stat().st_size > 1000
 
 
-def test_saved_config_records_overrides_and_repeat_runs_overwrite(fitted_run):
+def test_saved_config_records_overrides_and_a_fresh_run_never_overwrites(fitted_run, capsys):
     saved = yaml.safe_load((fitted_run / "config.yaml").read_text())
     assert saved["model"]["init_args"]["lr"] == 0.01 and saved["data"]["init_args"]["image_size"] == 32
-    first = read_metrics(fitted_run)["wall_time_s"]
-    run_cli("fit", *QUICK, "--trainer.max_epochs=1", "--test_after_fit=false", f"--trainer.default_root_dir={fitted_run}")
-    again = read_metrics(fitted_run)
-    assert again["wall_time_s"] != first and "test/acc" not in again["metrics"] and len(again["history"]) == 1
+    before = (fitted_run / "metrics.json").read_bytes()
+    with pytest.raises(SystemExit) as exc:  # a typed run folder holding a finished run is not reused
+        run_cli("fit", *QUICK, "--trainer.max_epochs=1", "--test_after_fit=false",
+                f"--trainer.default_root_dir={fitted_run}")
+    assert exc.value.code == 2 and "already holds a finished run" in capsys.readouterr().err
+    assert (fitted_run / "metrics.json").read_bytes() == before
 
 
 def test_validate_test_and_predict_from_a_checkpoint(fitted_run, tmp_path):
@@ -87,7 +89,7 @@ def test_print_config_shows_the_layered_config():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("model:\n  init_args:\n    lr: [oops\n", "Problems parsing config"),
+    ("model:\n  init_args:\n    lr: [oops\n", "is not valid YAML: "),
     ("trainer:\n  max_epochz: 3\n", "does not accept option 'trainer.max_epochz'"),
     ("model:\n  init_args:\n    backbone: resnet5O\n", "unknown backbone 'resnet5O'"),
 ])
@@ -100,4 +102,4 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, extra, message
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], out.stderr
     assert "Traceback" not in out.stderr
-    assert not (run_dir / "metrics.json").exists()
+    assert not run_dir.exists()  # no run folder left behind

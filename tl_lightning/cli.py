@@ -11,11 +11,13 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from typing import Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from tl_lightning.callbacks.interrupt import InterruptCheckpoint, take_stop_signal
 from tl_lightning.callbacks.logger_resume import LoggerResume, resume_loggers
 from tl_lightning.callbacks.media import ConfusionMatrix, log_run_media
 from tl_lightning.callbacks.predictions import PredictionWriter
@@ -25,6 +27,8 @@ from tl_lightning.backbones import check_backbone_name
 from tl_lightning.errors import TLError
 from tl_lightning.loggers import place_loggers_in_run_dir
 from tl_lightning.methods.base import TransferModule
+from tl_lightning.parser_errors import explain as explain_parser_error
+from tl_lightning import atomic, checkpoint_args, run_folders
 
 #: subcommands that are not Trainer entry points: name -> "module:function(argv)"
 EXTRA_COMMANDS = {
@@ -47,13 +51,14 @@ class SaveRunConfig(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         run_dir = trainer.default_root_dir
-        os.makedirs(run_dir, exist_ok=True)
-        self.parser.save(self.config, os.path.join(run_dir, CONFIG_FILE), skip_none=False, overwrite=True,
-                         multifile=False)
+        atomic.write_text(os.path.join(run_dir, CONFIG_FILE), self.parser.dump(self.config, skip_none=False))
 
 
 class TLArgumentParser(LightningArgumentParser):
     """Parser whose errors are one line (``error: ...``) plus a pointer to ``--help``, not a usage wall."""
+
+    #: the command line being parsed (names the file of a YAML error)
+    argv: list[str] = []
 
     def error(self, message: str, ex: Optional[Exception] = None):
         if not self.exit_on_error:  # a nested parser: let the outer one report
@@ -62,8 +67,7 @@ class TLArgumentParser(LightningArgumentParser):
         if last is not None and str(last) in str(message):
             text = _user_message(last)
         else:
-            lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
-            text = " ".join(lines[:3]) + " (run with --help to list the options)"
+            text = explain_parser_error(str(message), TLArgumentParser.argv)
         print(f"error: {text}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -74,7 +78,29 @@ class TLCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         self._started = time.perf_counter()
         self._started_wall = time.time()  # PNGs written after this are logged as media
+        argv = kwargs.get("args")
+        self._argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+        TLArgumentParser.argv = self._argv
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        command = self.config.get("subcommand")
+        config = self.config[command] if command else self.config
+        self._root_typed = run_folders.root_dir_typed(self._argv)
+        self._root = config.trainer.get("default_root_dir")
+        if not self._root:
+            configs = config.get("config") or []
+            name = os.path.splitext(os.path.basename(str(configs[-1])))[0] if configs else "run"
+            self._root = os.path.join("runs", name)
+        if command and config.get("ckpt_path") == "last":
+            config.ckpt_path = run_folders.resolve_last(self._root, self._root_typed)
+        self._typed_model_values = {}
+        if command and config.get("ckpt_path"):  # checked before LightningCLI merges the checkpoint's hparams
+            hparams = checkpoint_args.read_hyperparameters(str(config.ckpt_path))
+            model = config.get("model")
+            checkpoint_args.check_method_class(str(config.ckpt_path), hparams, model.get("class_path") if model else None)
+            self._typed_model_values = checkpoint_args.typed_values(model, self._argv) if model else {}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -85,15 +111,18 @@ class TLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self._typed_model_values:
+            notes = checkpoint_args.reconcile_typed_flags(self.subcommand, str(config.ckpt_path), config.model,
+                                                         self._typed_model_values)
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
         backbone = (config.get("model") or {}).get("init_args", {}).get("backbone")
         if backbone:
             check_backbone_name(backbone)
-        if not config.trainer.get("default_root_dir"):
-            name = "run"
-            configs = config.get("config") or []
-            if configs:
-                name = os.path.splitext(os.path.basename(str(configs[-1])))[0]
-            config.trainer.default_root_dir = os.path.join("runs", name)
+        run_dir = run_folders.choose_run_dir(self._root, self._root_typed, self.subcommand or "fit",
+                                             config.get("ckpt_path"))
+        config.trainer.default_root_dir = run_dir
+        run_folders.hand_over(self._root, run_dir)
         place_loggers_in_run_dir(config.trainer)
         if self.subcommand == "fit":  # a resumed fit logs into the same W&B run and TensorBoard/CSV version
             resume_loggers(config.trainer, config.get("ckpt_path"))
@@ -104,6 +133,8 @@ class TLCLI(LightningCLI):
             # manual optimisation steps parts of the model on their own (e.g. a domain classifier on detached
             # features), so a backward pass may leave parameters without gradients: DDP must expect that
             kwargs.setdefault("strategy", "ddp_find_unused_parameters_true")
+        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+            kwargs.setdefault("plugins", [atomic.AtomicCheckpointIO()])  # checkpoints written atomically
         return super().instantiate_trainer(**kwargs)
 
     # ----- results -----------------------------------------------------------------------------------------
@@ -144,8 +175,34 @@ class TLCLI(LightningCLI):
         self._finish("test", dict(self.trainer.callback_metrics))
 
 
-def run_cli(args: Optional[list[str]] = None, run: bool = True) -> TLCLI:
-    return TLCLI(
+class ArgumentCheck(TLCLI):
+    """Parses a command line and stops: no run folder, no model, no data (``submit`` checks ``fit``'s arguments)."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def check_arguments(args: list[str]) -> None:
+    """Parse ``fit`` arguments (``--config ... --model.lr=...``, no subcommand) as the CLI would; a bad one is one
+    ``error:`` line and exit 2. ``--ckpt_path`` is left out (it belongs to the subcommand, checked when it runs)."""
+    kept, skip = [], False
+    for arg in args:
+        if skip or arg == "--ckpt_path":
+            skip = not skip
+            continue
+        if not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "args and command line arguments both given": intended here
+        run_cli(kept, run=False, cli_class=ArgumentCheck)
+
+
+def run_cli(args: Optional[list[str]] = None, run: bool = True, cli_class: type = TLCLI) -> TLCLI:
+    argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+    return cli_class(
         TransferModule,
         L.LightningDataModule,  # TLDataModule or a wrapper of them (e.g. the domain-adaptation pair)
         subclass_mode_model=True,
@@ -153,7 +210,7 @@ def run_cli(args: Optional[list[str]] = None, run: bool = True) -> TLCLI:
         save_config_callback=SaveRunConfig,
         parser_class=TLArgumentParser,
         trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), SLURMRequeue(), PredictionWriter(), ConfusionMatrix(),
-                                         LoggerResume()]},
+                                         LoggerResume(), InterruptCheckpoint(argv)]},
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
@@ -175,7 +232,16 @@ def main(argv: Optional[list[str]] = None) -> None:
             module, func = EXTRA_COMMANDS[argv[0]].split(":")
             getattr(importlib.import_module(module), func)(argv[1:])
             return
-        run_cli(None if argv == sys.argv[1:] else argv)
+        take_stop_signal()
+        try:
+            run_cli(None if argv == sys.argv[1:] else argv)
+        except BaseException:
+            run_folders.discard_unused_run_folders()  # a command that failed early leaves no run folder behind
+            stopped_by = take_stop_signal()
+            if stopped_by is not None:  # killed: never exit 0 (143 = SIGTERM, 130 = SIGINT)
+                raise SystemExit(128 + stopped_by) from None
+            raise
+        run_folders.forget_created()
     except TLError as e:
         print(f"error: {_user_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
-from tl_lightning.atomic import atomic_path, write_text_atomic
+from tl_lightning.atomic import save_figure, write_text
 from tl_lightning.errors import TLError
 
 METRICS_FILE = "metrics.json"
@@ -211,8 +211,7 @@ def plot_curves(runs: list[dict], labels: list[str], path: str) -> Optional[str]
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -229,11 +228,11 @@ def compare(patterns: list[str], out: Optional[str] = None) -> dict:
     out = out or default_out(run_dirs)
     header, rows = comparison_table(runs)
     table = markdown(header, rows)
-    md = write_text_atomic(os.path.join(out, "comparison.md"),
+    md = write_text(os.path.join(out, "comparison.md"),
                            f"# Comparison of {len(runs)} runs\n\n{table}")
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
-    csv_path = write_text_atomic(os.path.join(out, "comparison.csv"), buffer.getvalue())
+    csv_path = write_text(os.path.join(out, "comparison.csv"), buffer.getvalue())
     plot = plot_curves(runs, run_labels(runs), os.path.join(out, "comparison_curves.png"))
     return {"md": md, "csv": csv_path, "plot": plot, "header": header, "rows": rows, "table": table}
 

@@ -1,15 +1,19 @@
 """Extract backbone features once and keep them on disk, keyed by everything that determines them.
 
 The key covers the backbone name, its weights, the read-out layers, the input transform and the data set's
-samples (see ``SampleSet.fingerprint``), so a second run with another head or learning rate reuses the file,
-and any change to what produces the features makes a new one. Files are written atomically.
+samples (see ``SampleSet.fingerprint``: paths with each file's size and ``mtime_ns``, crop boxes, the whole array
+of in-memory sources) and ``FORMAT_VERSION``, so a second run with another head or learning rate reuses the file,
+and any change to what produces the features makes a new one. Files are written atomically and carry a SHA-256 of
+their payload: an entry that fails it (a bit flip, a truncated file) is removed with one warning and re-extracted.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -17,11 +21,41 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from tl_lightning.atomic import atomic_open
 from tl_lightning.errors import TLError
 
 
+#: bumped whenever what a cache entry holds, or how its key is made, changes: older entries are never read
+FORMAT_VERSION = 2
+_MAGIC = b"tl-features"
+
+
 def cache_key(**parts) -> str:
+    parts = dict(parts, cache_format=FORMAT_VERSION)
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _pack(value: dict) -> bytes:
+    """``<magic> <format> <sha256 of the payload>\n<torch.save payload>``."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    payload = buffer.getvalue()
+    header = b"%s %d %s\n" % (_MAGIC, FORMAT_VERSION, hashlib.sha256(payload).hexdigest().encode())
+    return header + payload
+
+
+def _unpack(blob: bytes) -> Optional[dict]:
+    """The entry's tensors, or None when the header or the checksum does not match."""
+    header, _, payload = blob.partition(b"\n")
+    parts = header.split(b" ")
+    if len(parts) != 3 or parts[0] != _MAGIC or parts[1] != str(FORMAT_VERSION).encode():
+        return None
+    if hashlib.sha256(payload).hexdigest().encode() != parts[2]:
+        return None
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception:
+        return None
 
 
 class FeatureCache:
@@ -39,16 +73,24 @@ class FeatureCache:
     def load(self, key: str) -> Optional[dict]:
         if not self.enabled:
             return None
-        if self.path(key) in self._memo:
-            return self._memo[self.path(key)]
         path = self.path(key)
-        if not os.path.exists(path):
-            return None
+        if path in self._memo:
+            return self._memo[path]
         try:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a truncated file from a killed run: recompute
+            with open(path, "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
             return None
-        self._memo[self.path(key)] = value
+        value = _unpack(blob)
+        if value is None:  # a bit flip, a truncated file, an older format: drop it and extract again
+            warnings.warn(f"feature cache entry '{path}' failed its checksum; it is removed and the features are "
+                          "extracted again.", stacklevel=2)
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+            return None
+        self._memo[path] = value
         return value
 
     def save(self, key: str, value: dict) -> None:
@@ -56,20 +98,18 @@ class FeatureCache:
             return
         self._memo[self.path(key)] = value
         path = self.path(key)
-        tmp = f"{path}.tmp{os.getpid()}"
         try:
-            os.makedirs(self.root, exist_ok=True)
-            torch.save(value, tmp)
-            os.replace(tmp, path)
-        except OSError as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            if e.errno == errno.ENOSPC:
+            with atomic_open(path, "wb") as f:
+                f.write(_pack(value))
+        except TLError as e:
+            cause = e.__cause__
+            if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
                 raise TLError(
-                    f"no space left on the device while writing the feature cache to '{self.root}'; free space "
+                    f"no space left on device while writing the feature cache to '{self.root}'; free space "
                     "or point --model.cache_dir (or $TL_LIGHTNING_CACHE) at a larger disk."
-                ) from e
-            raise TLError(f"cannot write the feature cache to '{self.root}' ({e.strerror}); set --model.cache_dir.") from e
+                ) from cause
+            raise TLError(f"cannot write the feature cache to '{self.root}' ({getattr(cause, 'strerror', e)}); "
+                          "set --model.cache_dir.") from cause
 
     def get_or_compute(self, key: str, compute: Callable[[], dict]) -> dict:
         value = self.load(key)

@@ -5,11 +5,11 @@ points coloured by domain show whether source and target features mix (Ganin et 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 
+from tl_lightning.atomic import save_figure
 from tl_lightning.errors import TLError
 
 METHODS = ("pca", "tsne")
@@ -80,8 +80,7 @@ def plot_embedding(points: np.ndarray, targets: np.ndarray, path: str, class_nam
         dnames = list(domain_names) if domain_names else [f"domain {d}" for d in range(int(domains.max()) + 1)]
         _scatter(axes[0, 1], points, domains, dnames, f"{title}: by domain")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tl_lightning.atomic import save_figure, write_text
 from tl_lightning.errors import TLError
 
 SPLITS = ("train", "val", "test")
@@ -111,8 +112,7 @@ def plot_grid(query_set, gallery_set, query_ids: Sequence[int], neighbours: torc
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -157,8 +157,7 @@ def retrieve(model, dm, k: int = 5, gallery: str = "train", query: str = "test",
                      for q in shown],
     }
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "retrieval.json"), "w") as f:
-        json.dump(payload, f, indent=2)
+    write_text(os.path.join(out, "retrieval.json"), json.dumps(payload, indent=2))
     return payload
 
 

@@ -20,12 +20,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from tl_lightning.atomic import write_text
 from tl_lightning.errors import TLError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 #: ``#SBATCH`` lines whose value may be left out (the cluster's default applies)
 _OPTIONAL = {"partition", "gpus_per_node", "time"}
+#: sbatch --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or UNLIMITED
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d+|\d+:\d+:\d+|\d+-\d+|\d+-\d+:\d+|\d+-\d+:\d+:\d+|UNLIMITED|INFINITE)$",
+                         re.IGNORECASE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +79,11 @@ def job_values(args: argparse.Namespace, fit_args: list[str]) -> dict:
             raise TLError(f"--{name.replace('_', '-')} must be at least 1.")
     if args.gpus_per_node < 0:
         raise TLError("--gpus-per-node must be 0 (CPU) or more.")
+    if args.devices is not None and args.devices < 1:
+        raise TLError(f"--devices {args.devices} must be at least 1 (processes per node).")
+    if not _SLURM_TIME.match(args.time):
+        raise TLError(f"--time {args.time} is not a SLURM time limit; use minutes, HH:MM:SS or D-HH:MM:SS "
+                      "(e.g. --time 04:00:00).")
     devices = args.devices or args.gpus_per_node or 1
     if args.gpus_per_node and devices != args.gpus_per_node:
         raise TLError(f"--devices {devices} differs from --gpus-per-node {args.gpus_per_node}; "
@@ -107,8 +116,7 @@ def submit(script: str, runs_root: str) -> str:
         raise TLError("`sbatch` was not found; run `submit` on a SLURM login node, or use --dry-run to see the script.")
     os.makedirs(runs_root, exist_ok=True)
     path = os.path.join(runs_root, f"submit-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
-    with open(path, "w") as f:
-        f.write(script)
+    write_text(path, script)
     proc = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)
     if proc.returncode != 0:
         reason = (proc.stderr or proc.stdout).strip().splitlines()
@@ -119,6 +127,9 @@ def submit(script: str, runs_root: str) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     args, fit_args = build_parser().parse_known_args(argv)
     values = job_values(args, fit_args)
+    from tl_lightning.cli import check_arguments  # the fit arguments, checked before any script is written
+
+    check_arguments([*[a for c in args.config for a in ("--config", os.path.abspath(c))], *fit_args])
     try:
         template = Path(args.template).read_text()
     except OSError as e:

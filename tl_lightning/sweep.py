@@ -26,8 +26,9 @@ from typing import Optional
 
 import yaml
 
-from tl_lightning.atomic import write_text_atomic
+from tl_lightning.atomic import write_text
 from tl_lightning.errors import TLError
+from tl_lightning.parser_errors import yaml_sentence
 from tl_lightning.sweep_trials import (Trial, _engine, load_trials, run_trial, save_trials, sweep_run,  # noqa: F401
                                        trial_command, write_leaderboard)
 
@@ -94,7 +95,7 @@ def load_sweep(path: str) -> dict:
     except FileNotFoundError:
         raise TLError(f"sweep file '{path}' does not exist; pass a file from sweeps/.") from None
     except yaml.YAMLError as e:
-        raise TLError(f"sweep file '{path}' is not valid YAML ({str(e).splitlines()[0]}).") from None
+        raise TLError(f"sweep file {yaml_sentence(path, e)}") from None
     if not isinstance(config, dict):
         raise TLError(f"sweep file '{path}' must be a mapping with method, metric, parameters and command.")
     try:
@@ -138,7 +139,7 @@ def open_sweep_dir(sweep_dir: str, config: dict, sweep_file: str) -> list[Trial]
             raise TLError(f"'{sweep_dir}' holds a different sweep than '{sweep_file}'; pass that sweep's file, "
                           "or a new --dir.")
         return load_trials(sweep_dir)
-    write_text_atomic(saved, yaml.safe_dump(config, sort_keys=False))
+    write_text(saved, yaml.safe_dump(config, sort_keys=False))
     return []
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from tl_lightning.atomic import write_text_atomic
+from tl_lightning.atomic import write_text
 from tl_lightning.callbacks.history import HISTORY_FILE, read_history
 from tl_lightning.errors import TLError
 
@@ -62,8 +62,7 @@ def trial_command(config: dict, params: dict, run_dir: str) -> list[str]:
     if "${args_json_file}" in command:
         path = os.path.join(run_dir, "args.json")
         os.makedirs(run_dir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(macros["args_json"][0])
+        write_text(path, macros["args_json"][0])
         macros["args_json_file"] = [path]
     out = []
     for chunk in map(str, command):
@@ -171,17 +170,17 @@ def write_leaderboard(trials: list[Trial], config: dict, sweep_dir: str) -> tupl
     text = f"# Sweep leaderboard: {metric} ({goal}), method {config['method']}\n\n"
     text += "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     text += "".join("| " + " | ".join(row) + " |\n" for row in rows)
-    md = write_text_atomic(os.path.join(sweep_dir, "leaderboard.md"), text)
+    md = write_text(os.path.join(sweep_dir, "leaderboard.md"), text)
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
-    return md, write_text_atomic(os.path.join(sweep_dir, "leaderboard.csv"), buffer.getvalue())
+    return md, write_text(os.path.join(sweep_dir, "leaderboard.csv"), buffer.getvalue())
 
 
 # ----- the saved state: a resumable sweep ----------------------------------------------------------------------
 def save_trials(trials: list[Trial], sweep_dir: str) -> None:
     """Record every trial in ``<sweep dir>/trials.json`` (atomically; the streamed history is left out)."""
     rows = [{k: v for k, v in asdict(t).items() if k != "history"} for t in trials]
-    write_text_atomic(os.path.join(sweep_dir, STATE_FILE), json.dumps(rows, indent=1) + "\n")
+    write_text(os.path.join(sweep_dir, STATE_FILE), json.dumps(rows, indent=1) + "\n")
 
 
 def load_trials(sweep_dir: str) -> list[Trial]:
@@ -211,4 +210,4 @@ def trim_history(run_dir: str, step: int) -> None:
     """Drop the streamed epochs after ``step`` (the resumed trial streams them again)."""
     rows = [r for r in read_history(run_dir) if int(r.get("step", 0)) <= step]
     if os.path.exists(os.path.join(run_dir, HISTORY_FILE)):
-        write_text_atomic(os.path.join(run_dir, HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in rows))
+        write_text(os.path.join(run_dir, HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in rows))

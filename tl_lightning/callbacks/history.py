@@ -1,4 +1,4 @@
-"""A live per-epoch metric stream: ``<run dir>/history.jsonl``, one JSON line per validation epoch (rank 0).
+"""A live per-epoch metric stream: ``<run dir>/history.jsonl``, one JSON line per finished epoch (rank 0).
 
 The local sweep runner (``tl_lightning.sweep``) reads it while a trial runs, which is what W&B's early
 termination (hyperband) needs; ``metrics.json`` only appears when a run ends.
@@ -9,24 +9,22 @@ import json
 import os
 
 import lightning as L
-import torch
+
+from tl_lightning.callbacks.results import EpochEnd
 
 HISTORY_FILE = "history.jsonl"
 
 
-class HistoryStream(L.Callback):
-    """Appends the epoch's scalar metrics (``trainer.callback_metrics``) to ``<run dir>/history.jsonl``."""
+class HistoryStream(EpochEnd):
+    """Appends each finished epoch's scalar metrics (training and validation) to ``<run dir>/history.jsonl``."""
 
     def __init__(self, filename: str = HISTORY_FILE):
         self.filename = filename
 
-    def on_validation_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+    def record(self, trainer: "L.Trainer", row: dict) -> None:
+        if not trainer.is_global_zero:
             return
-        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        for key, value in trainer.callback_metrics.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                row[key] = value.item()
+        row = {"epoch": row.pop("epoch"), "step": trainer.global_step, **row}
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         with open(os.path.join(trainer.default_root_dir, self.filename), "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from tl_lightning.atomic import save_figure, write_text
 from tl_lightning.plots import log_image
 
 CONFUSION_PNG = "confusion_matrix.png"
@@ -74,8 +75,7 @@ class ConfusionMatrix(L.Callback):
             matrix = self.matrix.cpu().numpy()
             os.makedirs(trainer.default_root_dir, exist_ok=True)
             path = os.path.join(trainer.default_root_dir, self.filename)
-            with open(os.path.splitext(path)[0] + ".json", "w") as f:
-                json.dump({"class_names": names, "matrix": matrix.tolist()}, f)
+            write_text(os.path.splitext(path)[0] + ".json", json.dumps({"class_names": names, "matrix": matrix.tolist()}))
             plot_confusion_matrix(matrix, names, path)
 
 
@@ -106,7 +106,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
     ax.set_ylabel("true")
     ax.set_title(f"test confusion matrix (accuracy {accuracy:.3f}, n={int(matrix.sum())})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 

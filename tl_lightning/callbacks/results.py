@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from tl_lightning.atomic import save_figure, write_text
+
 METRICS_FILE = "metrics.json"
 
 
@@ -42,25 +44,59 @@ class BestCheckpoint(ModelCheckpoint):
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
 
-    # Lightning >= 2.5 refreshes last.ckpt only when a top-k checkpoint is saved in the same step, so after an
-    # epoch without improvement last.ckpt would hold an older epoch and a resume would repeat epochs.
+    # last.ckpt is written once per epoch at the end of the training epoch, after the epoch's training metrics
+    # exist and ResultsWriter recorded the epoch's history row, so a resume neither repeats epochs (Lightning
+    # >= 2.5 refreshes last.ckpt only together with a top-k save) nor loses the row of the last epoch.
     def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
+        self._defer_last = trainer.state.fn == "fit" and not trainer.sanity_checking
+        try:
+            super().on_validation_end(trainer, pl_module)
+        finally:
+            self._defer_last = False
+
+    def _save_last_checkpoint(self, trainer: "L.Trainer", monitor_candidates: dict) -> None:
+        if getattr(self, "_defer_last", False):
+            return
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_written_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def _refresh_last(self, trainer: "L.Trainer") -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer) \
-                and self._last_global_step_saved != trainer.global_step:
+                and getattr(self, "_last_written_step", None) != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-class ResultsWriter(L.Callback):
+def epoch_row(trainer: "L.Trainer", validated: bool) -> dict:
+    """The finished epoch's scalar metrics; validation ones (``val/...``) only when validation ran in it."""
+    row = {"epoch": trainer.current_epoch}
+    for key, value in trainer.callback_metrics.items():
+        value = _plain(value)
+        if value.__class__ in (int, float) and (validated or not key.startswith("val/")):
+            row[key] = value
+    return row
+
+
+class EpochEnd(L.Callback):
+    """Calls ``record(trainer)`` once per training epoch, after its training and its validation metrics exist."""
+
+    validated = False
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.validated = False
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.validated = True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.record(trainer, epoch_row(trainer, self.validated))
+
+    def record(self, trainer: "L.Trainer", row: dict) -> None:
+        raise NotImplementedError
+
+
+class ResultsWriter(EpochEnd):
     """Records per-epoch metrics and, at the end of a command, prints a table and writes ``metrics.json``."""
 
     def __init__(self, plot: bool = True):
@@ -74,11 +110,7 @@ class ResultsWriter(L.Callback):
         if stage == "fit":
             self.history = []
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        row = {"epoch": trainer.current_epoch}
-        row.update({k: _plain(v) for k, v in trainer.callback_metrics.items() if _plain(v).__class__ in (int, float)})
+    def record(self, trainer, row: dict) -> None:
         self.history.append(row)
 
     def state_dict(self) -> dict:
@@ -109,10 +141,7 @@ class ResultsWriter(L.Callback):
         }
         payload.update(extra or {})
         path = os.path.join(run_dir, METRICS_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, default=_plain)
-        os.replace(tmp, path)
+        write_text(path, json.dumps(payload, indent=2, default=_plain))
         if self.plot and self.history:
             plot_learning_curves(self.history, os.path.join(run_dir, "learning_curves.png"))
         print_results_table(payload, path)
@@ -154,5 +183,5 @@ def plot_learning_curves(history: list[dict], path: str) -> None:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

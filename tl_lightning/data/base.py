@@ -88,10 +88,15 @@ class FileSource(Source):
 
     def identity(self) -> str:
         h = hashlib.sha1()
-        for p in self.paths:
-            h.update(p.encode())
+        for p in self.paths:  # a replaced or edited image changes its size or modification time
+            try:
+                st = os.stat(p)
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            except OSError:
+                h.update(f"{p}\0missing\0".encode())
         h.update(self.targets.tobytes())
-        h.update(str(self.crop_boxes is not None).encode())
+        if self.crop_boxes is not None:
+            h.update(np.ascontiguousarray(self.crop_boxes, dtype=np.float64).tobytes())
         return h.hexdigest()
 
     def describe(self, index: int) -> str:
@@ -112,7 +117,7 @@ class ArraySource(Source):
     def identity(self) -> str:
         h = hashlib.sha1(self.name.encode())
         h.update(str(self.images.shape).encode())
-        h.update(np.ascontiguousarray(self.images[:: max(1, len(self.images) // 64)]).tobytes())
+        h.update(np.ascontiguousarray(self.images).tobytes())  # every image, not a sample of them
         h.update(self.targets.tobytes())
         return h.hexdigest()
 
@@ -153,6 +158,11 @@ class SampleSet(Dataset):
         h.update(self.indices.tobytes())
         h.update(repr(self.transform).encode())
         return h.hexdigest()
+
+
+def check_batch_size(batch_size: int, option: str = "--data.batch_size") -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise TLError(f"{option} must be a positive number of samples per batch, got {batch_size}; e.g. {option}=64.")
 
 
 def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -244,6 +254,7 @@ class TLDataModule(L.LightningDataModule):
             raise TLError("val_fraction and test_fraction must be in [0, 1); fix --data.val_fraction/test_fraction.")
         if train_fraction is not None and not 0 < train_fraction <= 1:
             raise TLError("train_fraction must be in (0, 1]; fix --data.train_fraction.")
+        check_batch_size(batch_size)
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers

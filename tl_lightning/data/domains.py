@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from typing import Literal, Optional, Union
 
 import lightning as L
@@ -33,7 +34,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
 from tl_lightning.backbones import DEFAULT_BACKBONE
-from tl_lightning.data.base import SampleSet, TLDataModule, default_num_workers, per_class_subset
+from tl_lightning.data.base import SampleSet, TLDataModule, check_batch_size, default_num_workers, per_class_subset
 from tl_lightning.errors import TLError
 
 #: order of the validation/test loaders
@@ -113,6 +114,9 @@ class DomainPairDataModule(L.LightningDataModule):
             in_memory: hold every deterministic split as decoded tensors (small images only).
         """
         super().__init__()
+        check_batch_size(batch_size)
+        if labelled_batch_size is not None:
+            check_batch_size(labelled_batch_size, "--data.labelled_batch_size")
         if labelled_per_class is not None and labelled_per_class < 0:
             raise TLError("labelled_per_class must be >= 0 (0 = unsupervised) or null (all target labels); "
                           "fix --data.init_args.labelled_per_class.")
@@ -174,6 +178,7 @@ class DomainPairDataModule(L.LightningDataModule):
         elif k == 0:
             splits["target_unlabelled"] = ImagesOnly(target)
         else:
+            self._check_labelled_per_class(target_train.targets, k)
             labelled = per_class_subset(target_train.targets, k, self.seed)
             rest = np.setdiff1d(np.arange(len(target_train)), labelled)
             if isinstance(target, TensorDataset):  # decoded once, shared by every k and seed
@@ -183,6 +188,22 @@ class DomainPairDataModule(L.LightningDataModule):
                 splits["target_labelled"] = target_train.subset(labelled)
                 splits["target_unlabelled"] = ImagesOnly(target_train.subset(rest))
         self.splits = splits
+
+    def _check_labelled_per_class(self, targets: np.ndarray, k: int) -> None:
+        """Stop when k labels every target sample; warn for each class that has fewer than k."""
+        if targets.ndim > 1:
+            return
+        classes, counts = np.unique(targets, return_counts=True)
+        if k >= counts.max():
+            raise TLError(f"labelled_per_class={k} labels every target training sample (the largest class has "
+                          f"{counts.max()}), which leaves no unlabelled target data; use a value below "
+                          f"{counts.max()}, or null to train on all target labels.")
+        names = list(getattr(self.target, "class_names", None) or [])
+        for c, n in zip(classes, counts):
+            if n < k:
+                name = names[int(c)] if int(c) < len(names) else str(c)
+                warnings.warn(f"labelled_per_class={k}: target class '{name}' has only {n} training samples, so it "
+                              f"gets {n} labelled samples and no unlabelled ones.", stacklevel=2)
 
     def _served(self, samples: SampleSet, deterministic: bool = True) -> Dataset:
         return decoded(samples) if self.in_memory and deterministic else samples

@@ -234,11 +234,11 @@ class DomainAdaptation(TransferModule):
 
     def _load_teacher(self, path: str) -> nn.Sequential:
         """The source model (``features.*`` and ``classifier.*`` weights) of a DomainAdaptation checkpoint."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError) as e:
-            raise TLError(f"cannot read source_checkpoint '{path}' ({e.__class__.__name__}); "
-                          "fix the path.") from e
+        try:  # tensors and plain containers only: a checkpoint can not run code while it loads
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise TLError(f"cannot read source_checkpoint '{path}' ({e.__class__.__name__}); pass a checkpoint "
+                          "written by a tl_lightning source_only run (loaded with weights_only=True).") from e
         state = state.get("state_dict", state)
         teacher = nn.Sequential(copy.deepcopy(self.features), copy.deepcopy(self.classifier))
         wanted = {f"{i}.{k}": f"{prefix}.{k}" for i, (prefix, part) in

@@ -93,6 +93,16 @@ class TransferModule(L.LightningModule):
         self.metrics = nn.ModuleDict({f"{s}_": build_metrics(num_classes, multilabel).clone(prefix=f"{s}/")
                                       for s in STAGES})
 
+    # ----- weights -------------------------------------------------------------------------------------------
+    #: attributes memoising an identity of the weights (cache keys): cleared whenever a state dict is loaded
+    WEIGHT_MEMOS = ("_weights_key_value",)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for name in self.WEIGHT_MEMOS:  # new weights: the feature cache key is recomputed from them
+            self.__dict__.pop(name, None)
+        return result
+
     # ----- speed switches ------------------------------------------------------------------------------
     def backbone_module(self) -> Optional[nn.Module]:
         """The module the speed switches apply to: by default the child module that holds the timm model (one with

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tl_lightning.atomic import write_text
 from tl_lightning.backbones import create_backbone, weights_id
 from tl_lightning.data.base import default_cache_dir
 from tl_lightning.data.incremental import ClassIncrementalDataModule
@@ -473,8 +474,7 @@ class ICaRL(TransferModule):
         scalar metrics also go to the configured loggers."""
         os.makedirs(run_dir, exist_ok=True)
         report = self.results()["incremental"]
-        with open(os.path.join(run_dir, "incremental.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_text(os.path.join(run_dir, "incremental.json"), json.dumps(report, indent=2))
         curves = {f"iCaRL {clf.upper()}": self.seen_acc[clf] for clf in ("nme", "cnn")}
         plot_accuracy_curve(self.classes_seen, curves, os.path.join(run_dir, "incremental_accuracy.png"))
         plot_accuracy_matrices({clf.upper(): self.rows[clf] for clf in ("nme", "cnn")},

@@ -10,6 +10,8 @@ from typing import Optional
 
 import numpy as np
 
+from tl_lightning.atomic import save_figure
+
 
 def forgetting(matrix: list[list[Optional[float]]]) -> Optional[float]:
     """Average forgetting of the tasks before the last one (None with fewer than two rows)."""
@@ -68,7 +70,7 @@ def plot_accuracy_curve(classes_seen: list[int], curves: dict[str, list[Optional
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -94,5 +96,5 @@ def plot_accuracy_matrices(matrices: dict[str, list[list[Optional[float]]]], pat
         ax.set_xticks(range(n))
         ax.set_yticks(range(n))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

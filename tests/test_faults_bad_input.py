@@ -1,0 +1,107 @@
+"""Bad input (issue 15, item 7): one sentence that names the problem and the fix, exit 2, no run folder left."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from conftest import FAST, REPO
+from fault_helpers import QUICK, experiment_overlay, one_error
+from tl_lightning.errors import TLError
+
+
+def nothing_under(root: Path) -> bool:
+    return not root.exists() or not any(root.iterdir())
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--model.lr=fast", "error: --model.lr=fast is not a valid float for FeatureExtraction's lr"),
+    ("--model.lrr=1", "error: --model.lrr is not an option of FeatureExtraction; did you mean --model.lr?"),
+    ("--data.batch_size=-4", "error: --data.batch_size must be a positive number of samples per batch, got -4"),
+])
+def test_bad_values_name_the_option(tmp_path, capsys, flag, expected):
+    root = tmp_path / "exp"
+    msg = one_error(capsys, "fit", *QUICK, "--config", experiment_overlay(tmp_path, root), flag)
+    assert msg.startswith(expected), msg
+    assert nothing_under(root)
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_epochs: 3\n   oops: [\n")
+    msg = one_error(capsys, "fit", *QUICK, "--config", bad)
+    assert f"'{bad}' is not valid YAML" in msg and "line 3" in msg and "<unicode string>" not in msg
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_read_only_run_folder_is_one_sentence(tmp_path, capsys, read_only_dir):
+    msg = one_error(capsys, "fit", *QUICK, f"--trainer.default_root_dir={read_only_dir / 'run'}")
+    assert "Read-only file system" in msg and "writable" in msg
+    msg = one_error(capsys, "fit", *QUICK, "--config", experiment_overlay(tmp_path, read_only_dir / "exp"))
+    assert "Read-only file system" in msg and "writable folder" in msg
+
+
+def test_labelled_per_class_at_the_largest_class_is_refused(tmp_path, capsys):
+    root = tmp_path / "exp"
+    msg = one_error(capsys, "fit", "--config", REPO / "configs/adaptation/digits_offline.yaml", *FAST,
+                    "--config", experiment_overlay(tmp_path, root), "--data.labelled_per_class=100000")
+    assert "labelled_per_class=100000 labels every target training sample" in msg and "use a value below" in msg
+    assert nothing_under(root)
+
+
+def test_labelled_per_class_above_the_smallest_class_warns_naming_it():
+    from tl_lightning.data.domains import DomainPairDataModule
+
+    pair = SimpleNamespace(target=SimpleNamespace(class_names=["zero", "one", "two"]))
+    targets = np.array([0] * 10 + [1] * 3 + [2] * 10)
+    with pytest.warns(UserWarning, match=r"labelled_per_class=5: target class 'one' has only 3 training samples"):
+        DomainPairDataModule._check_labelled_per_class(pair, targets, 5)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--devices", "-3"], "--devices -3 must be at least 1"),
+    (["--time", "soon"], "--time soon is not a SLURM time limit"),
+])
+def test_submit_checks_slurm_values_before_writing(tmp_path, args, expected):
+    from tl_lightning import slurm
+
+    root = tmp_path / "runs"
+    with pytest.raises(TLError, match=expected):
+        slurm.main(["--config", str(REPO / "configs/quickstart.yaml"), "--run-root", str(root), *args])
+    assert not root.exists()
+
+
+def test_submit_checks_fit_overrides_before_writing(tmp_path, capsys):
+    from tl_lightning import slurm
+
+    root = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exc:
+        slurm.main(["--config", str(REPO / "configs/quickstart.yaml"), "--run-root", str(root), "--model.lrr=1"])
+    assert exc.value.code == 2
+    assert "error: --model.lrr is not an option of FeatureExtraction; did you mean --model.lr?" in capsys.readouterr().err
+    assert not root.exists()
+
+
+def test_sweep_yaml_syntax_error_gives_the_line(tmp_path):
+    from tl_lightning.sweep import load_sweep
+
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text("method: grid\nmetric:\n  name: val/acc\n   goal: maximize\n")
+    with pytest.raises(TLError, match=r"sweep file '.*sweep.yaml' is not valid YAML: .* at line 4, column"):
+        load_sweep(str(bad))

@@ -1,0 +1,72 @@
+"""A killed fit (issue 15, item 4): a real SIGTERM / SIGINT to a real ``fit`` subprocess exits non-zero (143 / 130),
+leaves a loadable ``last.ckpt`` and prints one line whose command resumes the run in the same run folder."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from fault_helpers import QUICK, experiment_overlay
+
+
+def loadable(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception:
+        return False
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, limit_s: float = 600) -> None:
+    """Poll a handshake (a file the run writes); the limit is only a safety net for a hung run."""
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {what} after {limit_s} s")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_killed_fit_exits_nonzero_saves_last_and_prints_the_resume_command(tmp_path, signum, code):
+    root = tmp_path / "exp"
+    args = ["fit", *QUICK, "--config", experiment_overlay(tmp_path, root), "--trainer.max_epochs=10000",
+            "--test_after_fit=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "tl_lightning", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    last = root / "latest" / "checkpoints" / "last.ckpt"
+    wait_for(lambda: last.exists() and loadable(last), proc, "the first epoch's last.ckpt")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == code, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "resume with:" in ln]
+    assert len(lines) == 1 and lines[0].startswith(signal.Signals(signum).name), err[-3000:]
+    run = Path(os.path.realpath(root / "latest"))
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] >= 2 and not (run / "metrics.json").exists()
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))
+
+    # the printed command resumes the same run (same folder), here capped two epochs after the saved one
+    command = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert command[:4] == ["python", "-m", "tl_lightning", "fit"]
+    assert command[-1] == f"--ckpt_path={root / run.name / 'checkpoints' / 'last.ckpt'}"
+    stop = saved["epoch"] + 2
+    done = subprocess.run([sys.executable, *command[1:], f"--trainer.max_epochs={stop}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in root.iterdir()) == sorted([run.name, "latest"])
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == list(range(stop))
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))

@@ -1,0 +1,103 @@
+"""One sentence for a command line or config file the parser rejects.
+
+jsonargparse nests the real cause of a rejected ``--model.KEY=VALUE`` several levels deep ("Does not validate
+against any of the Union subtypes ... Errors: ... Parser key "lr": Expected a float. Got value: fast"), and a YAML
+syntax error names ``<unicode string>`` instead of the file. These helpers dig out the cause and name the option
+or the file and line.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from typing import Optional, Sequence
+
+import yaml
+
+_CLASS = re.compile(r"Problem with given class_path '([\w.]+)'")
+_TOP_KEY = re.compile(r'^Parser key "([\w.]+)"')
+_INNER_KEY = re.compile(r'Parser key "([\w.]+)":\s*\n\s*(.+)')
+_UNKNOWN = re.compile(r"(?:Option|Key) '([\w.]+)' is not accepted")
+_EXPECTED = re.compile(r"Expected a <class '(\w+)'>\. Got value: (.+)")
+_HELP = "(run with --help to list the options)"
+
+
+def config_paths(argv: Sequence[str]) -> list[str]:
+    paths, take = [], False
+    for arg in argv:
+        if take:
+            paths.append(arg)
+            take = False
+        elif arg == "--config":
+            take = True
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def yaml_problem(argv: Sequence[str]) -> Optional[str]:
+    """The first ``--config`` file that is not valid YAML, with the line and column of the problem."""
+    for path in config_paths(argv):
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except OSError:
+            continue
+        except yaml.YAMLError as e:
+            return yaml_sentence(path, e)
+    return None
+
+
+def yaml_sentence(path: str, err: "yaml.YAMLError") -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"'{path}' is not valid YAML: {problem}{where}; fix the file there."
+
+
+def _parameters(class_path: str) -> list[str]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names = []
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            names += [p for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs")]
+        except (TypeError, ValueError):
+            continue
+    return sorted(set(names))
+
+
+def explain(message: str, argv: Sequence[str]) -> str:
+    """One sentence for a parser error ``message`` (the command line ``argv`` helps name the option or file)."""
+    text = str(message).strip()
+    if "Problems parsing config" in text or "<unicode string>" in text:
+        found = yaml_problem(argv)
+        if found:
+            return found
+    top = _TOP_KEY.match(text)
+    group = top.group(1) if top else ""
+    cls = _CLASS.search(text)
+    owner = cls.group(1).rpartition(".")[2] if cls else group
+    unknown = _UNKNOWN.search(text)
+    if unknown:
+        key = unknown.group(1)
+        close = difflib.get_close_matches(key, _parameters(cls.group(1)) if cls else [], n=1)
+        hint = f"did you mean --{group}.{close[0]}?" if close else f"check the spelling {_HELP}"
+        return f"--{group}.{key} is not an option of {owner}; {hint}"
+    inner = _INNER_KEY.search(text[top.end():] if top else text)
+    expected = _EXPECTED.search(text)
+    if inner and expected:
+        key = inner.group(1)
+        return (f"--{group}.{key}={expected.group(2).strip()} is not a valid {expected.group(1)} for {owner}'s "
+                f"{key}; give a value of type {expected.group(1)} {_HELP}.")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.startswith(("Subtypes:", "Given value type:", "- Expected a <class 'NoneType'>",
+                                                   "Errors:", "Does not validate against any of the Union"))]
+    return " ".join(keep[:4]) + f" {_HELP}"
