@@ -44,4 +44,5 @@ def test_history_matches_lightnings_metrics_csv_epoch_by_epoch(tmp_path):
     # last.ckpt carries the complete history, including the last epoch's training values
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("ResultsWriter"))
+    assert saved["epoch"] == 2 and len(state["history"]) == 3
     assert state["history"][-1]["train/loss"] == pytest.approx(history[-1]["train/loss"])

@@ -75,3 +75,19 @@ def test_run_folder_names_and_lookup(tmp_path):
     run_folders.discard_unused_run_folders()  # b and t hold no checkpoint: removed, latest back on a
     assert sorted(os.listdir(root)) == sorted([os.path.basename(a), "latest"])
     assert os.readlink(root / "latest") == os.path.basename(a)
+
+
+@pytest.mark.slow
+def test_ddp_processes_share_the_run_folder_rank_zero_created(tmp_path):
+    """Lightning starts rank 1 by rerunning the command line: it must write into rank 0's run folder."""
+    from fault_helpers import cli, experiment_overlay
+
+    root = tmp_path / "exp"
+    proc = cli("fit", "--config", REPO / "configs/quickstart.yaml", "--config", experiment_overlay(tmp_path, root),
+               "--data.image_size=32", "--model.embedding=pooled", "--trainer.max_epochs=1",
+               "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--test_after_fit=false",
+               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.logger=false",
+               "--trainer.enable_progress_bar=false", "--data.num_workers=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [p for p in root.iterdir() if p.name != "latest"]
+    assert len(runs) == 1 and (runs[0] / "metrics.json").exists() and (runs[0] / "checkpoints" / "last.ckpt").exists()

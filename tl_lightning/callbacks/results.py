@@ -62,7 +62,8 @@ class BestCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer) \
+        # not _should_skip_saving_checkpoint: it skips when a top-k checkpoint was saved at this step
+        if self.save_last and not trainer.fast_dev_run and not trainer.sanity_checking \
                 and getattr(self, "_last_written_step", None) != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
