@@ -85,6 +85,7 @@ def test_two_node_ddp_trains_requeues_and_both_nodes_resume(two_node_cluster, tm
     hpc = run_dir / "hpc_ckpt_1.ckpt"
     assert "Handling auto-requeue signal" in text and hpc.exists()
     assert f"job {job_id} (restart 1)" in text
+    assert text.count("nodes: n[1-2] (2), tasks per node: 1") == 2  # the job script's view, each segment
     saved = torch.load(hpc, map_location="cpu", weights_only=False)
     assert 1 <= saved["epoch"] < epochs
     # after the requeue both nodes start again, each restored from the same checkpoint at the same step
