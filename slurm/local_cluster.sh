@@ -36,7 +36,7 @@ CRED_EXPIRE=${SLURM_LOCAL_CRED_EXPIRE:-30}
 # how long a change of the node set waits for running jobs to finish before it gives up
 DRAIN_WAIT_S=${SLURM_LOCAL_DRAIN_WAIT_S:-1800}
 
-ready_nodes() { sinfo -h -N -o "%N %t" 2>/dev/null | awk '$2 ~ /^(idle|mix|alloc|comp)/ {print $1}' | sort -u; }
+ready_nodes() { sinfo -h -N -o "%N %t" 2>/dev/null | awk '$2 ~ /^(idle|mix|alloc|comp)$/ {print $1}' | sort -u; }
 
 cluster_ready() {
   command -v sinfo >/dev/null 2>&1 || return 1
@@ -193,6 +193,10 @@ if ! scontrol ping 2>/dev/null | grep -q "is UP"; then
   stop_pidfile /run/slurm/slurmctld.pid
   slurmctld
 fi
+wanted_pidfiles=" $(for n in "${NODE_NAMES[@]}"; do printf '%s ' "${slurmd_pid//%n/$n}"; done)"
+for pidfile in /run/slurm/slurmd.pid /run/slurm/slurmd-*.pid; do  # a slurmd of another node set, left running
+  if [[ -e "$pidfile" && "$wanted_pidfiles" != *" $pidfile "* ]]; then stop_pidfile "$pidfile"; fi
+done
 for n in "${NODE_NAMES[@]}"; do
   pidfile=${slurmd_pid//%n/$n}
   if [[ ! -s "$pidfile" ]] || ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
