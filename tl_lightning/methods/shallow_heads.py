@@ -27,6 +27,8 @@ from tl_lightning.methods.base import build_metrics
 
 #: Default L2 strengths swept by the logistic head: 17 values, log-spaced over [1e-6, 1e2].
 DEFAULT_REG_GRID: tuple[float, ...] = tuple(float(v) for v in np.logspace(-6, 2, 17))
+#: Default C values swept by the SVM head (LIBLINEAR convention): 15 values, log-spaced over [1e-5, 1e2].
+DEFAULT_C_GRID: tuple[float, ...] = tuple(float(v) for v in np.logspace(-5, 2, 15))
 
 
 @dataclass
@@ -45,16 +47,21 @@ class LinearFit:
 
 @dataclass
 class Sweep:
-    """The regularisation sweep of the logistic head: validation score per strength and the one chosen."""
+    """A regularisation sweep: validation score per value of ``param`` (``reg`` or ``C``) and the one chosen."""
 
     grid: list[float]
     val_scores: list[float]
-    best_reg: float
+    best_reg: float  # the chosen value of ``param``
     best_score: float
     fits: list[LinearFit] = field(default_factory=list, repr=False)
+    param: str = "reg"
+
+    @property
+    def best_fit(self) -> LinearFit:
+        return self.fits[self.grid.index(self.best_reg)]
 
     def as_dict(self) -> dict:
-        return {"reg_grid": self.grid, "val_scores": self.val_scores, "reg": self.best_reg,
+        return {f"{self.param}_grid": self.grid, "val_scores": self.val_scores, self.param: self.best_reg,
                 "val_score": self.best_score}
 
 
@@ -114,7 +121,7 @@ def _init(x: torch.Tensor, num_classes: int, init: Optional[LinearFit]) -> tuple
 
 
 def fit_svm(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel: bool = False, C: float = 1.0,
-            max_iter: int = 500, tol: float = 1e-5) -> LinearFit:
+            max_iter: int = 500, tol: float = 1e-5, init: Optional[LinearFit] = None) -> LinearFit:
     """One-vs-rest linear SVM, squared hinge (Razavian et al. 2014), LIBLINEAR's primal objective with ``C``."""
     if C <= 0:
         raise TLError(f"the SVM's C must be positive (got {C}); set --model.svm_c to e.g. 1.0.")
@@ -127,7 +134,7 @@ def fit_svm(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel
         # divided by N: the same minimiser, better scaled for the line search
         return (0.5 * (w * w).sum() + C * (mask * margins.square()).sum()) / n
 
-    return _lbfgs(objective, *_init(x, num_classes, None), max_iter=max_iter, tol=tol)
+    return _lbfgs(objective, *_init(x, num_classes, init), max_iter=max_iter, tol=tol)
 
 
 def fit_logistic(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel: bool = False,
@@ -166,19 +173,48 @@ def sweep_logistic(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
     Strengths are visited from strong to weak, each fit warm-started from the previous one (the solutions move
     smoothly along the path). Ties go to the stronger regularisation.
     """
+    def fit(reg: float, init: Optional[LinearFit]) -> LinearFit:
+        return fit_logistic(x_train, y_train, num_classes, multilabel, reg, max_iter, init=init)
+
+    return _sweep(fit, grid, "reg", strong_first=lambda reg: -reg, x_val=x_val, y_val=y_val,
+                  num_classes=num_classes, multilabel=multilabel)
+
+
+def sweep_svm(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+              num_classes: int, multilabel: bool = False, grid: Sequence[float] = DEFAULT_C_GRID,
+              max_iter: int = 500) -> Sweep:
+    """The SVM's C chosen on val like the logistic strength: small C (strong regularisation) first, warm
+    started, ties to the smaller C."""
+    def fit(c: float, init: Optional[LinearFit]) -> LinearFit:
+        return fit_svm(x_train, y_train, num_classes, multilabel, C=c, max_iter=max_iter, init=init)
+
+    return _sweep(fit, grid, "C", strong_first=lambda c: c, x_val=x_val, y_val=y_val, num_classes=num_classes,
+                  multilabel=multilabel)
+
+
+def _sweep(fit: Callable[[float, Optional[LinearFit]], LinearFit], grid: Sequence[float], param: str,
+           strong_first: Callable[[float], float], x_val: torch.Tensor, y_val: torch.Tensor, num_classes: int,
+           multilabel: bool) -> Sweep:
     grid = [float(g) for g in grid]
     if not grid:
-        raise TLError("the logistic head needs at least one regularisation strength; set --model.reg_grid.")
+        raise TLError(f"a sweep needs at least one value of {param}; set --model.{'reg_grid' if param == 'reg' else 'svm_c_grid'}.")
     if len(x_val) == 0:
-        raise TLError("the logistic head selects its regularisation on the validation split, which is empty; "
+        raise TLError("the sweep selects its regularisation on the validation split, which is empty; "
                       "set --data.val_fraction > 0.")
-    order = sorted(range(len(grid)), key=lambda i: -grid[i])
+    order = sorted(range(len(grid)), key=lambda i: strong_first(grid[i]))
     fits: list[Optional[LinearFit]] = [None] * len(grid)
     scores = [0.0] * len(grid)
     previous = None
     for i in order:
-        previous = fits[i] = fit_logistic(x_train, y_train, num_classes, multilabel, grid[i], max_iter,
-                                          init=previous)
+        previous = fits[i] = fit(grid[i], previous)
         scores[i] = score(previous.logits(x_val.to(torch.float64)), y_val, num_classes, multilabel)
     best = max(order, key=lambda i: scores[i])  # max() keeps the first maximum: the strongest among ties
-    return Sweep(grid, scores, grid[best], scores[best], fits)  # type: ignore[arg-type]
+    return Sweep(grid, scores, grid[best], scores[best], fits, param)  # type: ignore[arg-type]
+
+
+def refit(sweep: Sweep, x: torch.Tensor, y: torch.Tensor, num_classes: int, multilabel: bool = False,
+          max_iter: int = 500) -> LinearFit:
+    """The swept model refitted on ``x`` (train+val) at the chosen value, warm-started from its train fit."""
+    if sweep.param == "C":
+        return fit_svm(x, y, num_classes, multilabel, C=sweep.best_reg, max_iter=max_iter, init=sweep.best_fit)
+    return fit_logistic(x, y, num_classes, multilabel, reg=sweep.best_reg, max_iter=max_iter, init=sweep.best_fit)
