@@ -31,6 +31,12 @@ class CachedFeatures:
             self._weights_key_value = weights_id(self.extractor.model)
         return self._weights_key_value
 
+    def feature_key(self, dataset, extractor: Optional[FeatureExtractor] = None) -> str:
+        """The feature cache's key for ``dataset`` read by ``extractor`` (default: the module's own)."""
+        layers = (extractor or self.extractor).layers
+        return cache_key(backbone=self.backbone_name, weights=self._weights_key(), layers=layers,
+                         dataset=dataset.fingerprint())
+
     def cached_features(self, split: str, dataset, dm=None, extractor: Optional[FeatureExtractor] = None) -> dict:
         """Features of a deterministic ``dataset`` (from the cache, or extracted once and stored).
 
@@ -38,8 +44,7 @@ class CachedFeatures:
         ``extractor`` (a read-out on the same backbone) defaults to the module's own.
         """
         extractor = extractor or self.extractor
-        key = cache_key(backbone=self.backbone_name, weights=self._weights_key(), layers=extractor.layers,
-                        dataset=dataset.fingerprint())
+        key = self.feature_key(dataset, extractor)
         dm = dm if dm is not None else self.trainer.datamodule
 
         def compute() -> dict:

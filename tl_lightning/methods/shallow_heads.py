@@ -114,32 +114,63 @@ def _check(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel:
     return x.to(torch.float64)
 
 
-def _init(x: torch.Tensor, num_classes: int, init: Optional[LinearFit]) -> tuple[torch.Tensor, torch.Tensor]:
+def row_space(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """An orthonormal basis ``[D, r]`` of the span of ``x``'s rows when there are more features than samples.
+
+    Both heads' optimal weights lie in that span (the data term's gradient does, the L2 penalty is isotropic and
+    the bias is not penalised), so fitting coordinates ``z = x @ basis`` (r <= N unknowns per class instead of
+    D) solves the same problem exactly: ``W = W_z @ basis.T``. With 21,008-d FNE features and a few hundred
+    images this makes each L-BFGS step tens of times cheaper.
+    """
+    if x.shape[1] <= x.shape[0]:
+        return None
+    _, s, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=False)
+    rank = max(1, int((s > s[0] * 1e-10).sum())) if len(s) and s[0] > 0 else 1
+    return vh[:rank].T.contiguous()
+
+
+def _solve(objective_of: Callable, x: torch.Tensor, num_classes: int, init: Optional[LinearFit],
+           basis: Optional[torch.Tensor], max_iter: int, tol: float) -> LinearFit:
+    """Minimise ``objective_of(z)(w, b)`` over the row space of ``x`` (or all of it when D <= N)."""
+    basis = row_space(x) if basis is None else basis
+    z = x if basis is None else x @ basis.to(x)
     if init is not None:
-        return init.weight.to(torch.float64), init.bias.to(torch.float64)
-    return torch.zeros(num_classes, x.shape[1], dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
+        w0, b0 = init.weight.to(torch.float64), init.bias.to(torch.float64)
+        w0 = w0 if basis is None else w0 @ basis.to(w0)  # a warm start from another span: its projection
+    else:
+        w0 = torch.zeros(num_classes, z.shape[1], dtype=torch.float64)
+        b0 = torch.zeros(num_classes, dtype=torch.float64)
+    fit = _lbfgs(objective_of(z), w0, b0, max_iter=max_iter, tol=tol)
+    if basis is not None:
+        fit.weight = fit.weight @ basis.to(fit.weight).T
+    return fit
 
 
 def fit_svm(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel: bool = False, C: float = 1.0,
-            max_iter: int = 500, tol: float = 1e-5, init: Optional[LinearFit] = None) -> LinearFit:
-    """One-vs-rest linear SVM, squared hinge (Razavian et al. 2014), LIBLINEAR's primal objective with ``C``."""
+            max_iter: int = 500, tol: float = 1e-5, init: Optional[LinearFit] = None,
+            basis: Optional[torch.Tensor] = None) -> LinearFit:
+    """One-vs-rest linear SVM, squared hinge (Razavian et al. 2014), LIBLINEAR's primal objective with ``C``.
+
+    ``basis``: ``row_space(x)`` when already computed (a sweep computes it once)."""
     if C <= 0:
         raise TLError(f"the SVM's C must be positive (got {C}); set --model.svm_c to e.g. 1.0.")
     x = _check(x, targets, num_classes, multilabel)
     signs, mask = _one_vs_rest(targets, num_classes, multilabel)
     n = len(x)
 
-    def objective(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        margins = (1 - signs * (x @ w.T + b)).clamp(min=0)
-        # divided by N: the same minimiser, better scaled for the line search
-        return (0.5 * (w * w).sum() + C * (mask * margins.square()).sum()) / n
+    def objective_of(z: torch.Tensor) -> Callable:
+        def objective(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            margins = (1 - signs * (z @ w.T + b)).clamp(min=0)
+            # divided by N: the same minimiser, better scaled for the line search
+            return (0.5 * (w * w).sum() + C * (mask * margins.square()).sum()) / n
+        return objective
 
-    return _lbfgs(objective, *_init(x, num_classes, init), max_iter=max_iter, tol=tol)
+    return _solve(objective_of, x, num_classes, init, basis, max_iter, tol)
 
 
 def fit_logistic(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel: bool = False,
                  reg: float = 1e-4, max_iter: int = 500, tol: float = 1e-5,
-                 init: Optional[LinearFit] = None) -> LinearFit:
+                 init: Optional[LinearFit] = None, basis: Optional[torch.Tensor] = None) -> LinearFit:
     """L2-regularised logistic regression: ``mean CE + reg/2 ||W||^2`` (multinomial, or one-vs-rest BCE)."""
     if reg < 0:
         raise TLError(f"the logistic regularisation strength must be >= 0 (got {reg}); fix --model.reg_grid.")
@@ -159,10 +190,12 @@ def fit_logistic(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multi
         def data_loss(logits: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(logits, y)
 
-    def objective(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return data_loss(x @ w.T + b) + 0.5 * reg * (w * w).sum()
+    def objective_of(z: torch.Tensor) -> Callable:
+        def objective(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return data_loss(z @ w.T + b) + 0.5 * reg * (w * w).sum()
+        return objective
 
-    return _lbfgs(objective, *_init(x, num_classes, init), max_iter=max_iter, tol=tol)
+    return _solve(objective_of, x, num_classes, init, basis, max_iter, tol)
 
 
 def sweep_logistic(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
@@ -173,8 +206,10 @@ def sweep_logistic(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
     Strengths are visited from strong to weak, each fit warm-started from the previous one (the solutions move
     smoothly along the path). Ties go to the stronger regularisation.
     """
+    basis = row_space(x_train)
+
     def fit(reg: float, init: Optional[LinearFit]) -> LinearFit:
-        return fit_logistic(x_train, y_train, num_classes, multilabel, reg, max_iter, init=init)
+        return fit_logistic(x_train, y_train, num_classes, multilabel, reg, max_iter, init=init, basis=basis)
 
     return _sweep(fit, grid, "reg", strong_first=lambda reg: -reg, x_val=x_val, y_val=y_val,
                   num_classes=num_classes, multilabel=multilabel)
@@ -185,8 +220,10 @@ def sweep_svm(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
               max_iter: int = 500) -> Sweep:
     """The SVM's C chosen on val like the logistic strength: small C (strong regularisation) first, warm
     started, ties to the smaller C."""
+    basis = row_space(x_train)
+
     def fit(c: float, init: Optional[LinearFit]) -> LinearFit:
-        return fit_svm(x_train, y_train, num_classes, multilabel, C=c, max_iter=max_iter, init=init)
+        return fit_svm(x_train, y_train, num_classes, multilabel, C=c, max_iter=max_iter, init=init, basis=basis)
 
     return _sweep(fit, grid, "C", strong_first=lambda c: c, x_val=x_val, y_val=y_val, num_classes=num_classes,
                   multilabel=multilabel)
