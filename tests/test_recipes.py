@@ -145,3 +145,29 @@ def test_predict_averages_the_same_tta_views_as_test(tmp_path):
     assert torch.allclose(torch.tensor([float(r["score"]) for r in rows], dtype=torch.float64),
                           score.double(), atol=1e-4)
     assert not torch.allclose(single.max(-1).values, score, atol=1e-3), "one view would give other scores"
+
+
+def test_full_batch_heads_with_more_features_than_samples_match_scikit_learn():
+    """With D > N the heads are solved in the row space of the features; the solution is the full problem's."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    from tl_lightning.methods.shallow_heads import fit_logistic, fit_svm, row_space
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 500, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=gen)
+    basis = row_space(x)
+    assert basis.shape == (500, 40) and torch.allclose(basis.T @ basis, torch.eye(40, dtype=torch.float64))
+    reg = 1e-2
+    ours = fit_logistic(x, y, 3, reg=reg, tol=1e-9, max_iter=2000)
+    ref = LogisticRegression(C=1 / (reg * len(x)), tol=1e-10, max_iter=10000).fit(x.numpy(), y.numpy())
+    assert np.abs(ours.logits(x).numpy() - ref.decision_function(x.numpy())).max() < 0.01
+    assert ours.weight.shape == (3, 500)
+    # the weights lie in the span of the samples: nothing outside it changes a prediction
+    assert torch.allclose(ours.weight - ours.weight @ basis @ basis.T, torch.zeros(3, 500, dtype=torch.float64),
+                          atol=1e-8)
+    svm = fit_svm(x, y, 3, C=0.1, tol=1e-9, max_iter=2000)
+    ref_svm = LinearSVC(C=0.1, tol=1e-10, max_iter=100000, intercept_scaling=1e3).fit(x.numpy(), y.numpy())
+    assert np.abs(svm.logits(x).numpy() - ref_svm.decision_function(x.numpy())).max() < 0.01
