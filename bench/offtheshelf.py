@@ -9,7 +9,9 @@ embedding over each read-out (``all``, ``every_block``, ``every_conv``); and the
 cold cache. All rows but the cold ones share one feature cache, so each read-out is extracted once.
 
     python -m bench.offtheshelf            # writes bench/results/offtheshelf.{json,md}
-    python -m bench.offtheshelf --resume   # keeps the rows already in offtheshelf.json and their caches
+    python -m bench.offtheshelf --resume   # keeps the rows already measured and their caches
+    python -m bench.offtheshelf --resume --only linear --part a   # a subset of rows (name substrings), in a
+                                           # second process beside another part; --table merges the parts
 """
 from __future__ import annotations
 
@@ -90,8 +92,10 @@ def table(rows: list[dict]) -> str:
         if strength is not None:
             chosen += f", {'reg' if 'reg' in fit else 'C'} = {strength:.3g}"
         mark = " **(best fixed)**" if best is not None and r is best else ""
-        lines.append(f"| {r['name']}{mark} | {100 * r['test_acc']:.1f} | {r['wall_s']:.0f} | {chosen} | "
-                     f"{'cold' if r['cache'] != 'warm' and 'cold' in r['name'] else 'warm'} |")
+        cache = "cold" if "cold" in r["name"] else "warm"
+        if "`all`" in r["name"] or "`every_block`" in r["name"]:
+            cache = "cold (the first row to read it)"
+        lines.append(f"| {r['name']}{mark} | {100 * r['test_acc']:.1f} | {r['wall_s']:.0f} | {chosen} | {cache} |")
     auto = next((r for r in rows if r["recipe_selection"]), None)
     if auto:
         sel = auto["recipe_selection"]
@@ -108,12 +112,17 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--resume", action="store_true", help="keep finished rows (offtheshelf.json) and the caches")
+    p.add_argument("--table", action="store_true", help="only rewrite offtheshelf.md from the measured rows")
+    p.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these")
+    p.add_argument("--part", default="", help="write this process's rows to offtheshelf<part>.json")
     args = p.parse_args(argv)
+    if args.table:
+        return write_table(list(measured().values()))
     data = REPO / "../shared/data/CUB_200_2011_subset10/CUB_200_2011"
     if not data.is_dir():
         raise SystemExit(f"CUB subset not found at {data.resolve()} (the config reads ../shared/data).")
-    out_json = RESULTS / "offtheshelf.json"
-    done = {r["name"]: r for r in json.loads(out_json.read_text())} if args.resume and out_json.exists() else {}
+    out_json = RESULTS / f"offtheshelf{args.part}.json"
+    done = measured() if args.resume else {}
     if not args.resume and RUNS.exists():
         shutil.rmtree(RUNS)
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -129,18 +138,33 @@ def main(argv=None) -> None:
     if not (RUNS / "warm").exists():
         (RUNS / "warm").mkdir()
     for name, cache, overrides in ROWS:
+        if args.only is not None and not any(o in name for o in args.only):
+            continue
         if name not in done:
             if cache == "warm" and (RUNS / "cold_auto").exists() and not any((RUNS / "warm").iterdir()):
                 shutil.copytree(RUNS / "cold_auto", RUNS / "warm", dirs_exist_ok=True)  # reuse auto's read-outs
             record(run_row(name, cache, overrides))
-    if BEST_COLD not in done:
+    if BEST_COLD not in done and (args.only is None or any(o in BEST_COLD for o in args.only)):
         best = max((r for r in done.values() if r["name"].startswith("recipe ")), key=lambda r: r["test_acc"])
         shutil.rmtree(RUNS / "cold_best", ignore_errors=True)
         row = run_row(BEST_COLD, "cold_best", best["overrides"])
         row["name"], row["recipe"] = BEST_COLD, best["name"].removeprefix("recipe ")
         record(row)
-    ordered = [done[n] for n, _, _ in ROWS] + [done[BEST_COLD]]
-    text = table(ordered)
+    write_table(list(done.values()))
+
+
+def measured() -> dict:
+    """Every row measured so far, from ``offtheshelf*.json`` (one file per part)."""
+    rows = {}
+    for path in sorted(RESULTS.glob("offtheshelf*.json")):
+        rows.update({r["name"]: r for r in json.loads(path.read_text())})
+    return rows
+
+
+def write_table(rows: list[dict]) -> None:
+    """``offtheshelf.md`` from the rows measured so far, in the order of ``ROWS``."""
+    by_name = {r["name"]: r for r in rows}
+    text = table([by_name[n] for n in [n for n, _, _ in ROWS] + [BEST_COLD] if n in by_name])
     tmp = RESULTS / "offtheshelf.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, RESULTS / "offtheshelf.md")

@@ -9,7 +9,10 @@
   ``mean_i CE_i + reg / 2 * ||W||^2`` (scikit-learn's ``C`` is ``1 / (reg * N)``).
 
 Both are convex; ``torch.optim.LBFGS`` with a strong-Wolfe line search solves them in float64. The bias is
-not regularised. Multi-label targets are {0, 1} vectors with -1 marking labels to ignore.
+not regularised. With more features than samples both are solved exactly in the span of the samples
+(``row_space``). ``sweep_logistic`` / ``sweep_svm`` choose the strength / C on a validation split and
+``refit`` fits the chosen one on train+val. Multi-label targets are {0, 1} vectors with -1 marking labels to
+ignore.
 """
 from __future__ import annotations
 
