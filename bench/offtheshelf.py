@@ -47,6 +47,7 @@ ROWS = [
     ("FNE over `every_block` + logistic", "warm",
      [FIXED, "--model.embedding=fne", "--model.layers=every_block", "--model.head=logistic"]),
     ("FNE over `every_conv` + linear head, AdamW", "warm", [FIXED, "--model.embedding=fne"]),
+    ("auto, tta_views=2 (image + mirror)", "warm", ["--model.tta_views=2"]),
 ]
 BEST_COLD = "best fixed recipe, cold cache"
 
@@ -95,6 +96,8 @@ def table(rows: list[dict]) -> str:
         cache = "cold" if "cold" in r["name"] else "warm"
         if "`all`" in r["name"] or "`every_block`" in r["name"]:
             cache = "cold (the first row to read it)"
+        if "tta_views" in r["name"]:
+            cache = "warm for the image, cold for the mirror"
         lines.append(f"| {r['name']}{mark} | {100 * r['test_acc']:.1f} | {r['wall_s']:.0f} | {chosen} | {cache} |")
     auto = next((r for r in rows if r["recipe_selection"]), None)
     if auto:

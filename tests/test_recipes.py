@@ -171,3 +171,24 @@ def test_full_batch_heads_with_more_features_than_samples_match_scikit_learn():
     svm = fit_svm(x, y, 3, C=0.1, tol=1e-9, max_iter=2000)
     ref_svm = LinearSVC(C=0.1, tol=1e-10, max_iter=100000, intercept_scaling=1e3).fit(x.numpy(), y.numpy())
     assert np.abs(svm.logits(x).numpy() - ref_svm.decision_function(x.numpy())).max() < 0.01
+
+
+def test_auto_leaves_the_backbone_bit_identical_and_test_features_equal_a_fresh_extraction(tmp_path):
+    """Regression: a read-out built for selection must not leave the shared backbone in train mode, where the
+    next forward pass would move its BatchNorm statistics (and every later feature, cached under the old key)."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    fresh, dm = build(f"--model.cache_dir={tmp_path / 'other'}", "--model.cache=false")
+    before = {k: v.clone() for k, v in fresh.extractor.model.state_dict().items()}
+    assert any("running_mean" in k for k in before), "the backbone has BatchNorm statistics to protect"
+    run_cli("fit", "--config", SVM_CONFIG, *FAST, *SMALL, f"--model.cache_dir={cache}", "--model.recipe=auto",
+            f"--trainer.default_root_dir={run_dir}")
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    for k, v in before.items():
+        assert torch.equal(state[f"extractor.model.{k}"], v), k
+    model, _ = build(f"--model.cache_dir={cache}", "--model.recipe=auto")
+    test = dm.split_dataset("test", deterministic=True)
+    cached = model.cached_features("test", test, dm)["features"]  # written by the fit
+    fresh.eval()
+    with torch.no_grad():
+        direct = torch.cat([fresh.extractor(x) for x, _ in dm.make_loader(test, shuffle=False)])
+    assert torch.allclose(cached, direct, atol=1e-5)

@@ -82,6 +82,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, model: nn.Module, layers: list[str] | str | None = None):
         super().__init__()
         self.model = model
+        self.training = model.training  # a new read-out of a frozen (eval) backbone must not put it in train mode
         layers = resolve_layers(model, layers)
         modules = dict(model.named_modules())
         unknown = [name for name in layers if name != PENULTIMATE and name not in modules]

@@ -130,6 +130,7 @@ class FeatureExtraction(CachedFeatures, TransferModule):
     def _build_head(self, hidden_dim: int = 0, dropout: float = 0.0) -> None:
         """The head and the FNE statistics, sized by the current read-out."""
         model = self.extractor.model
+        self.extractor.eval()  # the probe below must not move BatchNorm statistics
         with torch.no_grad():
             channels = model.pretrained_cfg.get("input_size", (3,))[0]
             device = next(model.parameters()).device
@@ -161,7 +162,7 @@ class FeatureExtraction(CachedFeatures, TransferModule):
 
     def readout_extractor(self, layers) -> FeatureExtractor:
         """The current extractor if it reads ``layers``, else a new one on the same (shared) backbone."""
-        extractor = FeatureExtractor(self.extractor.model, layers)
+        extractor = FeatureExtractor(self.extractor.model, layers).eval()
         if extractor.layers == self.extractor.layers:
             extractor.remove_hooks()
             return self.extractor
