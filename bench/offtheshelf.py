@@ -1,184 +1,177 @@
-"""Off-the-shelf recipes on cached features: CUB subset, frozen bundled EfficientNet-Lite0.
+"""Off-the-shelf recipes on the CUB subset (10 classes, official split), frozen bundled EfficientNet-Lite0, 224 px.
 
-Rows: linear head by SGD; CNN-SVM (Razavian et al. 2014, L2-normalised features); logistic regression with
-the validation sweep (Kornblith et al. 2019); the same on L2-normalised features; full-network embedding +
-SVM (Garcia-Gasulla et al. 2018) - each without and with test-time augmentation (features averaged over
-crops and flips, Razavian's "aug").
+Every row runs the shipped ``configs/feature_extraction/cub200.yaml`` through the CLI in its own process
+(``python -m tl_lightning fit --config ... [overrides]``: fit, then test of the best checkpoint) and reads
+``metrics.json``. Rows: ``recipe: auto`` (the shipped default) with a cold and a warm feature cache; the linear
+head by AdamW (the previous default) and by SGD; every named recipe (penultimate or full-network embedding, with
+or without L2, logistic or SVM, each with its sweep on val and the refit on train+val); the full-network
+embedding over each read-out (``all``, ``every_block``, ``every_conv``); and the best fixed recipe again on a
+cold cache. All rows but the cold ones share one feature cache, so each read-out is extracted once.
 
-Phase 1 extracts every feature set once into a fresh cache (cold, timed: the part that costs). Phase 2 runs
-each recipe through the real CLI (``fit`` + test of the best checkpoint) on the warm cache and reads
-``metrics.json``. Writes ``bench/results/offtheshelf.md`` and ``bench/results/offtheshelf.png``.
-
-    python -m bench.offtheshelf            # 224 px, TTA = 4 views (full + center crop, both flipped)
-    python -m bench.offtheshelf --quick    # 128 px, 5 training images per class, TTA = 2 views
+    python -m bench.offtheshelf            # writes bench/results/offtheshelf.{json,md}
+    python -m bench.offtheshelf --resume   # keeps the rows already measured and their caches
+    python -m bench.offtheshelf --resume --only linear --part a   # a subset of rows (name substrings), in a
+                                           # second process beside another part; --table merges the parts
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import shutil
+import subprocess
+import sys
 import time
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-DATA_DIR = REPO.parent / "shared" / "data" / "CUB_200_2011_subset10"
+CONFIG = "configs/feature_extraction/cub200.yaml"
 RUNS = REPO / "runs" / "bench_offtheshelf"
+FIXED = "--model.recipe=null"
+SGD = '--model.optimizer={"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}}'
 
-# (name, model init_args) of each recipe
-RECIPES = [
-    ("linear (SGD)", {"head": "linear", "lr": 0.05, "weight_decay": 1e-4,
-                      "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}}}),
-    ("SVM (L2-norm)", {"head": "svm", "svm_c": 1.0, "l2_normalize": True}),
-    ("logistic + sweep", {"head": "logistic"}),
-    ("logistic + sweep + L2-norm", {"head": "logistic", "l2_normalize": True}),
-    ("FNE + SVM", {"head": "svm", "svm_c": 1.0, "embedding": "fne"}),
+# (row name, cache: "warm" (shared), or a fresh folder's name, CLI overrides)
+ROWS = [
+    ("auto (shipped config), cold cache", "cold_auto", []),
+    ("auto (shipped config), warm cache", "cold_auto", []),
+    ("linear head, AdamW, 40 epochs (previous default)", "warm", [FIXED]),
+    ("linear head, SGD, 40 epochs", "warm", [FIXED, SGD, "--model.lr=0.05"]),
+    ("linear head, AdamW, L2-norm", "warm", [FIXED, "--model.l2_normalize=true"]),
+    *[(f"recipe {name}", "warm", [f"--model.recipe={name}"]) for name in (
+        "penultimate+logistic", "penultimate+svm", "penultimate+l2+logistic", "penultimate+l2+svm",
+        "fne+logistic", "fne+svm", "fne+l2+logistic", "fne+l2+svm")],
+    ("FNE over `all` (feature_info levels) + logistic", "warm",
+     [FIXED, "--model.embedding=fne", "--model.layers=all", "--model.head=logistic"]),
+    ("FNE over `every_block` + logistic", "warm",
+     [FIXED, "--model.embedding=fne", "--model.layers=every_block", "--model.head=logistic"]),
+    ("FNE over `every_conv` + linear head, AdamW", "warm", [FIXED, "--model.embedding=fne"]),
+    ("auto, tta_views=2 (image + mirror)", "warm", ["--model.tta_views=2"]),
 ]
+BEST_COLD = "best fixed recipe, cold cache"
 
 
-def config_yaml(model_args: dict, args, tta_views: int, run_dir: Path) -> str:
-    import yaml
-
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {"default_root_dir": str(run_dir), "max_epochs": args.epochs, "accelerator": "cpu", "devices": 1,
-                    "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
-                    "log_every_n_steps": 1},
-        "model": {"class_path": "tl_lightning.methods.FeatureExtraction",
-                  "init_args": {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "tta_views": tta_views,
-                                **model_args}},
-        "data": {"class_path": "tl_lightning.data.cub200.CUB200DataModule",
-                 "init_args": {"data_dir": str(args.data_dir), "batch_size": 32, "num_workers": args.workers,
-                               "val_fraction": 0.2, "seed": 0, "image_size": args.image_size,
-                               "samples_per_class": args.samples_per_class}},
-    }
-    return yaml.safe_dump(cfg, sort_keys=False)
-
-
-def build(config: Path):
-    from tl_lightning.cli import run_cli
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return run_cli(["--config", str(config)], run=False)
-
-
-def extract_all(config: Path) -> dict:
-    """Extraction of train/val/test for one config (views cached by an earlier config are not redone)."""
-    cli = build(config)
-    model, dm = cli.model, cli.datamodule
-    dm.setup("fit")
-    seen = []  # images that really go through the backbone (views already cached do not)
-    model.extractor.register_forward_hook(lambda m, inputs, out: seen.append(len(inputs[0])))
+def run_row(name: str, cache: str, overrides: list[str]) -> dict:
+    """One CLI fit (+ test) in a fresh process; the result row from its ``metrics.json``."""
+    run_dir = RUNS / "runs" / name.replace(" ", "_").replace("/", "_").replace("`", "")
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    env = dict(os.environ, TL_LIGHTNING_CACHE=str(RUNS / cache), PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "tl_lightning", "fit", "--config", CONFIG, *overrides,
+           f"--trainer.default_root_dir={run_dir}"]
     started = time.perf_counter()
-    for split in ("train", "val", "test"):
-        model.split_features(split, dm)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    images = sum(seen)
-    return {"seconds": seconds, "images": images, "img_per_s": images / max(seconds, 1e-9)}
-
-
-def run_recipe(config: Path, run_dir: Path) -> dict:
-    from tl_lightning.cli import main
-
-    main(["fit", "--config", str(config)])
+    if proc.returncode != 0:
+        raise SystemExit(f"row '{name}' failed:\n{proc.stderr[-3000:]}")
     m = json.loads((run_dir / "metrics.json").read_text())
-    return {"test_acc": m["metrics"]["test/acc"], "wall_s": m["wall_time_s"], "head_fit": m.get("head_fit", {})}
+    fit = m.get("head_fit", {})
+    return {"name": name, "cache": cache, "overrides": overrides, "test_acc": m["metrics"]["test/acc"],
+            "wall_s": round(seconds, 1), "cli_wall_s": m["wall_time_s"], "recipe": m.get("summary", {}).get("recipe"),
+            "head_fit": {k: v for k, v in fit.items() if not k.endswith("_grid") and k != "val_scores"},
+            "recipe_selection": m.get("recipe_selection")}
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = [n for n, _ in RECIPES]
-    views = sorted({r["tta_views"] for r in rows})
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(views)
-    for i, v in enumerate(views):
-        acc = [next(r["test_acc"] for r in rows if r["name"] == n and r["tta_views"] == v) * 100 for n in names]
-        ax.bar(np.arange(len(names)) + i * width, acc, width, label=f"{v} view{'s' if v > 1 else ''}")
-    ax.set_xticks(np.arange(len(names)) + width * (len(views) - 1) / 2)
-    ax.set_xticklabels(names, rotation=15, fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Off-the-shelf recipes, CUB subset (10 classes), frozen EfficientNet-Lite0")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def table(rows: list[dict]) -> str:
+    best = max((r for r in rows if r["name"].startswith("recipe ")), key=lambda r: r["test_acc"], default=None)
+    lines = [
+        f"Off-the-shelf recipes on the CUB-200-2011 subset in ../shared/data (10 classes, official split: 300 "
+        f"train images, 20% of them carved out for validation, 243 test images; one test image = 0.41 points), "
+        f"frozen bundled ImageNet EfficientNet-Lite0 at 224 px, `{CONFIG}` through the CLI with the overrides "
+        f"shown, one process per row. Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with "
+        "other jobs, no GPU. Wall time = the whole `fit` command (start-up, extraction on a cold cache, head "
+        "fit, test).",
+        "",
+        "| row | test acc (%) | wall time (s) | chosen / fitted | cache |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fit = r["head_fit"]
+        chosen = r["recipe"] or ("linear (SGD/AdamW)" if not fit else fit.get("head", ""))
+        strength = fit.get("reg", fit.get("C"))
+        if strength is not None:
+            chosen += f", {'reg' if 'reg' in fit else 'C'} = {strength:.3g}"
+        mark = " **(best fixed)**" if best is not None and r is best else ""
+        cache = "cold" if "cold" in r["name"] else "warm"
+        if "`all`" in r["name"] or "`every_block`" in r["name"]:
+            cache = "cold (the first row to read it)"
+        if "tta_views" in r["name"]:
+            cache = "warm for the image, cold for the mirror"
+        lines.append(f"| {r['name']}{mark} | {100 * r['test_acc']:.1f} | {r['wall_s']:.0f} | {chosen} | {cache} |")
+    auto = next((r for r in rows if r["recipe_selection"]), None)
+    if auto:
+        sel = auto["recipe_selection"]
+        lines += ["", f"`auto`'s validation scores ({sel['metric']}, {len(sel['candidates'])} candidates, "
+                      f"selection {sel['seconds']:.1f} s on cached features; chosen: `{sel['chosen']}`):", "",
+                  "| candidate | val score | strength | feature dim |", "|---|---|---|---|"]
+        for c in sel["candidates"]:
+            strength = c.get("reg", c.get("C"))
+            lines.append(f"| {c['recipe']} | {100 * c['val_score']:.1f} | "
+                         f"{'reg' if 'reg' in c else 'C'} = {strength:.3g} | {c['feature_dim']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--data_dir", type=Path, default=DATA_DIR)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="keep finished rows (offtheshelf.json) and the caches")
+    p.add_argument("--table", action="store_true", help="only rewrite offtheshelf.md from the measured rows")
+    p.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these")
+    p.add_argument("--part", default="", help="write this process's rows to offtheshelf<part>.json")
     args = p.parse_args(argv)
-    args.image_size = 128 if args.quick else 224
-    args.samples_per_class = 5 if args.quick else None
-    args.epochs = 30
-    tta = 2 if args.quick else 4
-    if not (args.data_dir / "CUB_200_2011").is_dir():
-        raise SystemExit(f"CUB subset not found at {args.data_dir}; pass --data_dir.")
-    if RUNS.exists():
+    if args.table:
+        return write_table(list(measured().values()))
+    data = REPO / "../shared/data/CUB_200_2011_subset10/CUB_200_2011"
+    if not data.is_dir():
+        raise SystemExit(f"CUB subset not found at {data.resolve()} (the config reads ../shared/data).")
+    out_json = RESULTS / f"offtheshelf{args.part}.json"
+    done = measured() if args.resume else {}
+    if not args.resume and RUNS.exists():
         shutil.rmtree(RUNS)
-    RUNS.mkdir(parents=True)
-    os.environ["TL_LIGHTNING_CACHE"] = str(RUNS / "cache")  # a cold cache: phase 1 measures extraction
+    RUNS.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    configs = {}
-    for i, (name, model_args) in enumerate(RECIPES):
-        for views in (1, tta):
-            run_dir = RUNS / f"{i}_{views}"
-            run_dir.mkdir()
-            path = run_dir / "bench_config.yaml"
-            path.write_text(config_yaml(model_args, args, views, run_dir))
-            configs[(name, views)] = (path, run_dir)
+    def record(row: dict) -> None:
+        done[row["name"]] = row
+        tmp = out_json.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(list(done.values()), indent=1))
+        os.replace(tmp, out_json)
+        print(f"{row['name']:55s} {100 * row['test_acc']:5.1f}%  {row['wall_s']:6.1f} s  {row['recipe']}", flush=True)
 
-    # phase 1: cold extraction, once per distinct feature set (penultimate or FNE layers) x views
-    extraction = {}
-    for views in (1, tta):
-        for feats, recipe in (("penultimate", "SVM (L2-norm)"), ("all stages (FNE)", "FNE + SVM")):
-            extraction[(feats, views)] = extract_all(configs[(recipe, views)][0])
-            print(f"extracted {feats}, {views} view(s): {extraction[(feats, views)]}", flush=True)
+    if not (RUNS / "warm").exists():
+        (RUNS / "warm").mkdir()
+    for name, cache, overrides in ROWS:
+        if args.only is not None and not any(o in name for o in args.only):
+            continue
+        if name not in done:
+            if cache == "warm" and (RUNS / "cold_auto").exists() and not any((RUNS / "warm").iterdir()):
+                shutil.copytree(RUNS / "cold_auto", RUNS / "warm", dirs_exist_ok=True)  # reuse auto's read-outs
+            record(run_row(name, cache, overrides))
+    if BEST_COLD not in done and (args.only is None or any(o in BEST_COLD for o in args.only)):
+        best = max((r for r in done.values() if r["name"].startswith("recipe ")), key=lambda r: r["test_acc"])
+        shutil.rmtree(RUNS / "cold_best", ignore_errors=True)
+        row = run_row(BEST_COLD, "cold_best", best["overrides"])
+        row["name"], row["recipe"] = BEST_COLD, best["name"].removeprefix("recipe ")
+        record(row)
+    write_table(list(done.values()))
 
-    # phase 2: every recipe on the warm cache, through the CLI
-    rows = []
-    for (name, views), (path, run_dir) in configs.items():
-        r = run_recipe(path, run_dir)
-        feats = "all stages (FNE)" if name.startswith("FNE") else "penultimate"
-        extract_s = sum(extraction[(feats, v)]["seconds"] for v in {1, views})  # TTA: view 1 + the others
-        rows.append({"name": name, "tta_views": views, **r, "extract_s": extract_s})
-        print(f"{name:28s} views={views} acc={r['test_acc']:.4f} wall={r['wall_s']:.1f}s", flush=True)
 
-    suffix = "_quick" if args.quick else ""
-    lines = [
-        f"Off-the-shelf recipes on the CUB subset (10 classes, official split, val = 20% of train), frozen "
-        f"bundled EfficientNet-Lite0 at {args.image_size} px"
-        + (f", {args.samples_per_class} training images per class" if args.samples_per_class else "")
-        + f", CPU. TTA = {tta} views ({'full image and center crop, each also flipped' if tta == 4 else 'full image and its mirror'}).",
-        "",
-        "| recipe | TTA views | test acc (%) | fit + test wall time, warm cache (s) | head fit (s) | chosen reg | "
-        "cold feature extraction (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        hf = r["head_fit"]
-        lines.append(f"| {r['name']} | {r['tta_views']} | {100 * r['test_acc']:.1f} | {r['wall_s']:.1f} | "
-                     f"{hf.get('fit_seconds', '-') if hf else 'SGD, ' + str(args.epochs) + ' epochs'} | "
-                     f"{hf.get('reg', '-') if hf else '-'} | {r['extract_s']:.1f} |")
-    lines += ["", "Cold extraction (all three splits; the TTA rows extract only the views not cached yet):", "",
-              "| features | views | images extracted | seconds | images/s |", "|---|---|---|---|---|"]
-    for (feats, views), e in extraction.items():
-        lines.append(f"| {feats} | {views} | {e['images']} | {e['seconds']:.1f} | {e['img_per_s']:.1f} |")
-    (RESULTS / f"offtheshelf{suffix}.md").write_text("\n".join(lines) + "\n")
-    plot(rows, RESULTS / f"offtheshelf{suffix}.png")
-    print("\n".join(lines))
+def measured() -> dict:
+    """Every row measured so far, from ``offtheshelf*.json`` (one file per part)."""
+    rows = {}
+    for path in sorted(RESULTS.glob("offtheshelf*.json")):
+        rows.update({r["name"]: r for r in json.loads(path.read_text())})
+    return rows
+
+
+def write_table(rows: list[dict]) -> None:
+    """``offtheshelf.md`` from the rows measured so far, in the order of ``ROWS``."""
+    by_name = {r["name"]: r for r in rows}
+    text = table([by_name[n] for n in [n for n, _, _ in ROWS] + [BEST_COLD] if n in by_name])
+    tmp = RESULTS / "offtheshelf.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS / "offtheshelf.md")
+    print(text)
 
 
 if __name__ == "__main__":

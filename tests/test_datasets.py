@@ -300,9 +300,13 @@ def test_cli_voc_feature_extraction_logs_both_maps(tmp_path):
             f"--data.data_dir={tmp_path / 'voc'}", "--data.image_size=32", "--data.batch_size=4",
             "--trainer.max_epochs=2", f"--trainer.default_root_dir={run_dir}",
             f"--model.init_args.cache_dir={tmp_path / 'cache'}")
-    metrics = read_metrics(run_dir)["metrics"]
+    results = read_metrics(run_dir)
+    metrics = results["metrics"]
     for key in ("test/mAP", "test/mAP_voc07", "val/mAP", "val/mAP_voc07"):
         assert 0.0 <= metrics[key] <= 1.0
+    selection = results["recipe_selection"]  # the shipped config's recipe: auto selects on validation mAP
+    assert selection["metric"] == "val/mAP" and len(selection["candidates"]) == 8
+    assert selection["val_score"] == max(c["val_score"] for c in selection["candidates"])
 
 
 def test_cli_mnist_config_on_fixture(tmp_path):

@@ -99,7 +99,9 @@ def test_cached_and_uncached_training_agree(tmp_path):
 def test_full_network_embedding_standardises_and_discretises(tmp_path):
     dm = digits()
     fe = model(tmp_path, embedding="fne")
-    assert fe.extractor.layers[-1] == "penultimate" and len(fe.extractor.layers) > 2
+    # the paper's choice: every conv layer (49 in EfficientNet-Lite0), read after its BatchNorm + activation
+    assert len(fe.extractor.layers) == 49 and fe.feature_dim == 21008
+    assert fe.extractor.layers[0] == "bn1" and fe.extractor.layers[-1] == "bn2"
     trainer(epochs=1).fit(fe, datamodule=dm)
     train = fe.cached_features("train", dm.split_dataset("train", deterministic=True))["features"]
     assert torch.allclose(fe.fne_mean, train.mean(0), atol=1e-5)

@@ -1,7 +1,18 @@
-"""Feature read-outs of a timm backbone: the penultimate layer, chosen stages, and layer groups.
+"""Feature read-outs of a timm backbone: the penultimate layer, chosen layers, and layer groups.
 
-The full-network embedding (Garcia-Gasulla et al. 2018) reads the spatial mean of every stage's output;
-off-the-shelf features (Razavian et al. 2014) read the penultimate layer.
+Off-the-shelf features (Razavian et al. 2014) read the penultimate layer. The full-network embedding
+(Garcia-Gasulla et al. 2018) reads the spatial mean of every convolutional layer (``every_conv``). Named
+read-outs (``READOUTS``), for EfficientNet-Lite0:
+
+* ``penultimate``: the globally pooled input of the classifier (1280-d);
+* ``all``: timm's ``feature_info`` levels (the stages it exposes for dense prediction: blocks 0, 1, 2, 4, 6;
+  blocks 3 and 5 are not among them) plus the penultimate layer (1792-d);
+* ``every_block``: the output of every block (timm's fine layer groups, 16 blocks) plus the penultimate
+  layer (3088-d);
+* ``every_conv``: every convolution's output after its normalisation (and activation, where timm fuses it into
+  ``BatchNormAct2d``): 49 layers, 21008-d; the last one is the conv head, whose mean is the penultimate layer.
+
+Taps are averaged over space as the forward pass runs, so no full-resolution map is kept.
 """
 from __future__ import annotations
 
@@ -14,6 +25,8 @@ from torch import nn
 from tl_lightning.errors import TLError
 
 PENULTIMATE = "penultimate"
+READOUTS = (PENULTIMATE, "all", "every_block", "every_conv")
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 def stage_names(model: nn.Module) -> list[str]:
@@ -23,45 +36,88 @@ def stage_names(model: nn.Module) -> list[str]:
     return [n.replace("_", ".") if n not in dict(model.named_modules()) else n for n in names]
 
 
+def block_names(model: nn.Module) -> list[str]:
+    """Module names of every block: timm's fine layer groups, without the stem and the head."""
+    modules = dict(model.named_modules())
+    groups = [g for g in layer_groups(model) if g != "stem" and g in modules]
+    return [g for g in groups if not isinstance(modules[g], nn.Conv2d)]  # a lone conv is the stem or head
+
+
+def conv_names(model: nn.Module) -> list[str]:
+    """Every convolution in registration (forward) order, read after the normalisation layer that directly
+    follows it in its parent, if any."""
+    modules = dict(model.named_modules())
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d):
+            continue
+        parent_name, _, own = name.rpartition(".")
+        siblings = [n for n, _ in modules[parent_name].named_children()]
+        follower = siblings[siblings.index(own) + 1] if siblings.index(own) + 1 < len(siblings) else None
+        if follower is not None and isinstance(getattr(modules[parent_name], follower), _NORMS):
+            name = f"{parent_name}.{follower}" if parent_name else follower
+        names.append(name)
+    return names
+
+
+def resolve_layers(model: nn.Module, layers: list[str] | str | None) -> list[str]:
+    """A read-out name (``READOUTS``) or module names -> the module names to tap (``penultimate`` included)."""
+    if layers is None or layers == PENULTIMATE:
+        return [PENULTIMATE]
+    if layers == "all":
+        return stage_names(model) + [PENULTIMATE]
+    if layers == "every_block":
+        return block_names(model) + [PENULTIMATE]
+    if layers == "every_conv":
+        names = conv_names(model)
+        if not names:
+            raise TLError(f"{model.__class__.__name__} has no convolutional layer; use layers: every_block or all.")
+        return names
+    return [layers] if isinstance(layers, str) else list(layers)
+
+
 class FeatureExtractor(nn.Module):
-    """Concatenated, spatially averaged features of ``layers`` (module names, ``penultimate`` or ``all``)."""
+    """Concatenated, spatially averaged features of ``layers`` (a name of ``READOUTS`` or module names)."""
 
     def __init__(self, model: nn.Module, layers: list[str] | str | None = None):
         super().__init__()
         self.model = model
-        if layers is None or layers == PENULTIMATE:
-            layers = [PENULTIMATE]
-        elif layers == "all":
-            layers = stage_names(model) + [PENULTIMATE]
-        elif isinstance(layers, str):
-            layers = [layers]
+        self.training = model.training  # a new read-out of a frozen (eval) backbone must not put it in train mode
+        layers = resolve_layers(model, layers)
         modules = dict(model.named_modules())
         unknown = [name for name in layers if name != PENULTIMATE and name not in modules]
         if unknown:
             raise TLError(
-                f"unknown feature layer(s) {unknown}; choose '{PENULTIMATE}', 'all' or module names such as "
-                f"{stage_names(model)}."
+                f"unknown feature layer(s) {unknown}; choose one of {', '.join(READOUTS)} or module names such "
+                f"as {stage_names(model)}."
             )
         self.layers = list(layers)
         self._taps: OrderedDict[str, torch.Tensor] = OrderedDict()
-        for name in self.layers:
-            if name != PENULTIMATE:
-                modules[name].register_forward_hook(self._tap(name))
+        self._hooks = [modules[name].register_forward_hook(self._tap(name))
+                       for name in self.layers if name != PENULTIMATE]
+
+    def remove_hooks(self) -> None:
+        """Detach this read-out from the backbone (another extractor on the same model takes over)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _tap(self, name: str):
         def hook(_module, _inputs, output):
-            self._taps[name] = output
+            self._taps[name] = _pooled(output)
         return hook
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._taps.clear()
         pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        outputs = []
-        for name in self.layers:
-            out = pooled if name == PENULTIMATE else self._taps[name]
-            outputs.append(out.flatten(2).mean(-1) if out.ndim > 2 else out.flatten(1))
+        outputs = [_pooled(pooled) if name == PENULTIMATE else self._taps[name] for name in self.layers]
         self._taps.clear()
         return torch.cat(outputs, dim=1)
+
+
+def _pooled(out: torch.Tensor) -> torch.Tensor:
+    """Spatial mean of a feature map ([N, C, ...] -> [N, C]); vectors are flattened."""
+    return out.flatten(2).mean(-1) if out.ndim > 2 else out.flatten(1)
 
 
 def layer_groups(model: nn.Module, coarse: bool = False) -> "OrderedDict[str, list[str]]":

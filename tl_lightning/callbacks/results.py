@@ -152,6 +152,7 @@ class ResultsWriter(EpochEnd):
 def print_results_table(payload: dict, path: str) -> None:
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in payload["metrics"].items()
             if isinstance(v, (int, float))]
+    rows += [(k, str(v)) for k, v in (payload.get("summary") or {}).items()]  # e.g. the recipe auto chose
     rows += [("wall time (s)", f"{payload['wall_time_s']:.1f}")]
     if payload.get("best_checkpoint"):
         rows.append(("best checkpoint", payload["best_checkpoint"]))

@@ -1,44 +1,48 @@
 """Feature extraction: a frozen pretrained backbone and a shallow head.
 
 Off-the-shelf features read the penultimate layer (Razavian et al., "CNN Features off-the-shelf", 2014).
-The full-network embedding (Garcia-Gasulla et al., 2018) reads the spatial mean of every stage, standardises
-each feature with training-set statistics and discretises it to {-1, 0, 1} at thresholds -0.25 and 0.15.
-With deterministic inputs the backbone runs once per image, across epochs and runs (``FeatureCache``).
+The full-network embedding (Garcia-Gasulla et al., 2018) reads the spatial mean of every convolutional layer
+(``layers: every_conv``, the paper's choice and FNE's default), standardises each feature with training-set
+statistics and discretises it to {-1, 0, 1} at thresholds -0.25 and 0.15. With deterministic inputs the
+backbone runs once per image, across epochs and runs (``FeatureCache``).
 
 Heads (``head``): ``linear`` is trained by SGD over epochs like any Lightning model; ``svm`` (CNN-SVM,
 Razavian et al. 2014) and ``logistic`` (L-BFGS with the L2 strength picked on val, Kornblith et al. 2019) are
 fitted in full batch on the cached features when fit starts (``on_fit_start``), see ``shallow_heads``. For
 those, training runs a single epoch that only measures the fitted head, then stops, so ``max_epochs`` does
-not matter. ``tta_views > 1`` averages the features of deterministic crops and flips (Razavian's "aug"),
-each view cached on its own (``tl_lightning.tta``).
+not matter. ``recipe`` names a read-out + normalisation + head at once, or ``auto`` picks the best of them on
+val (``recipes``). ``tta_views > 1`` averages the features of deterministic crops and flips (Razavian's
+"aug"), each view cached on its own (``tl_lightning.tta``), for every split and for ``predict``.
 """
 from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
-from tl_lightning.backbones import DEFAULT_BACKBONE, FeatureExtractor, create_backbone, weights_id
+from tl_lightning.backbones import DEFAULT_BACKBONE, FeatureExtractor, create_backbone
 from tl_lightning.data.base import default_cache_dir
-from tl_lightning.feature_cache import FeatureCache, cache_key, extract_features
+from tl_lightning.feature_cache import FeatureCache
 from tl_lightning.errors import TLError
 from tl_lightning.methods.base import TransferModule, make_head
-from tl_lightning.methods.shallow_heads import DEFAULT_REG_GRID, fit_logistic, fit_svm, sweep_logistic
-from tl_lightning.tta import view_transforms
+from tl_lightning.methods.cached_features import CachedFeatures
+from tl_lightning.methods.recipes import (AUTO, CANDIDATES, FNE_LAYERS, FNE_THRESHOLDS, RECIPES, Recipe, embed,
+                                          parse_recipe, select_recipe, sweep_head)
+from tl_lightning.methods.shallow_heads import DEFAULT_C_GRID, DEFAULT_REG_GRID, fit_svm, refit
+from tl_lightning.tta import batch_views
 
-FNE_THRESHOLDS = (-0.25, 0.15)
 HEADS = ("linear", "svm", "logistic")
+__all__ = ["FNE_THRESHOLDS", "FeatureExtraction", "HEADS"]
 
 
-class FeatureExtraction(TransferModule):
+class FeatureExtraction(CachedFeatures, TransferModule):
     """Frozen backbone (always in eval mode, BatchNorm statistics fixed) plus a linear/MLP, SVM or logistic head."""
 
     def __init__(
         self,
         backbone: str = DEFAULT_BACKBONE,
         weights: str = "bundled",
+        recipe: Optional[str] = None,
         layers: Union[str, list[str]] = "penultimate",
         embedding: Literal["pooled", "fne"] = "pooled",
         l2_normalize: bool = False,
@@ -48,6 +52,7 @@ class FeatureExtraction(TransferModule):
         cache_dir: Optional[str] = None,
         head: Literal["linear", "svm", "logistic"] = "linear",
         svm_c: float = 1.0,
+        svm_c_grid: Optional[list[float]] = None,
         reg_grid: Optional[list[float]] = None,
         lbfgs_max_iter: int = 500,
         tta_views: int = 1,
@@ -58,8 +63,13 @@ class FeatureExtraction(TransferModule):
         Args:
             backbone: any timm model name.
             weights: ``bundled``, ``hub``, ``none`` or a checkpoint path.
-            layers: ``penultimate``, ``all`` (every stage + penultimate) or a list of module names.
-            embedding: ``pooled`` (features as read) or ``fne`` (full-network embedding; implies ``layers=all``).
+            recipe: ``auto`` (choose read-out, L2 and full-batch head on val, see ``recipes``), a recipe name
+                such as ``penultimate+logistic`` or ``fne+l2+svm`` (sets ``layers``, ``embedding``,
+                ``l2_normalize`` and ``head``, the SVM's C swept on val), or null: the arguments below apply.
+            layers: ``penultimate``, ``all`` (timm's feature_info levels + penultimate), ``every_block``
+                (every block + penultimate), ``every_conv`` (every conv layer) or a list of module names.
+            embedding: ``pooled`` (features as read) or ``fne`` (full-network embedding; with
+                ``layers: penultimate`` it reads ``every_conv``, Garcia-Gasulla et al.'s choice).
             l2_normalize: L2-normalise the embedding before the head.
             hidden_dim: 0 for a linear head, else the hidden width of a one-layer MLP head.
             dropout: dropout before the head's output layer.
@@ -70,46 +80,79 @@ class FeatureExtraction(TransferModule):
                 ``reg_grid``, refitted on train+val, Kornblith et al. 2019). ``svm``/``logistic`` are fitted in
                 full batch on cached features when fit starts; training then runs one epoch (``max_epochs``
                 is ignored) and needs ``data.augment=false``.
-            svm_c: the SVM's C (LIBLINEAR / scikit-learn ``LinearSVC`` convention).
+            svm_c: the SVM's C (LIBLINEAR / scikit-learn ``LinearSVC`` convention), fitted on train.
+            svm_c_grid: C values to sweep on val instead (then refitted on train+val); recipes default to 15
+                values log-spaced over [1e-5, 1e2].
             reg_grid: L2 strengths of the logistic head's sweep (on the mean loss; scikit-learn's
                 ``C = 1 / (reg * N)``); default 17 values log-spaced over [1e-6, 1e2].
             lbfgs_max_iter: L-BFGS iterations per fit of the ``svm``/``logistic`` head.
             tta_views: number of deterministic views (full image, flip, five crops, flipped crops) whose
-                features are averaged for every split, each view cached separately; 1 = no augmentation.
+                features are averaged for every split and in ``predict``, each view cached separately.
             tta_crop: share of the image side the TTA crops keep.
         """
         super().__init__(**kwargs)
+        pinned = parse_recipe(recipe)
+        start = pinned or (CANDIDATES[0] if recipe == AUTO else None)  # auto starts as its first candidate
+        if start is not None:
+            layers, embedding, l2_normalize, head = start.layers, start.embedding, start.l2, start.head
+            svm_c_grid = svm_c_grid or list(DEFAULT_C_GRID)
         if head not in HEADS:
             raise TLError(f"unknown head '{head}'; choose one of {', '.join(HEADS)} (--model.head).")
         if head != "linear" and hidden_dim:
             raise TLError(f"the {head} head is linear; set --model.hidden_dim=0 or use --model.head=linear.")
         if tta_views < 1:
             raise TLError(f"tta_views must be at least 1 (got {tta_views}); fix --model.tta_views.")
+        self.recipe = recipe
         self.head_type = head
         self.svm_c = svm_c
+        self.svm_c_grid = list(svm_c_grid) if svm_c_grid else None
         self.reg_grid = list(reg_grid) if reg_grid else list(DEFAULT_REG_GRID)
         self.lbfgs_max_iter = lbfgs_max_iter
         self.tta_views = tta_views
         self.tta_crop = tta_crop
         self.head_fit: dict = {}  # how the svm/logistic head was fitted (into metrics.json)
+        self.recipe_selection: dict = {}  # recipe=auto: every candidate's val score and the choice
+        self._preselected = None  # the chosen candidate's sweep (its train fit seeds the refit)
         # the shallow heads are fitted in closed loop, not by Lightning's optimizer
         self.automatic_optimization = head == "linear"
         self.backbone_name = backbone
         self.weights = weights
         if embedding == "fne" and layers == "penultimate":
-            layers = "all"
+            layers = FNE_LAYERS
         self.embedding = embedding
         self.l2_normalize = l2_normalize
         self.extractor = FeatureExtractor(create_backbone(backbone, weights, num_classes=0), layers)
         self.extractor.requires_grad_(False)
         self.extractor.eval()
-        with torch.no_grad():
-            channels = self.extractor.model.pretrained_cfg.get("input_size", (3,))[0]
-            self.feature_dim = self.extractor(torch.zeros(2, channels, 32, 32)).shape[1]
-        self.head = make_head(self.feature_dim, self.num_classes, hidden_dim, dropout if head == "linear" else 0.0)
-        self.register_buffer("fne_mean", torch.zeros(self.feature_dim))
-        self.register_buffer("fne_std", torch.ones(self.feature_dim))
+        self._build_head(hidden_dim, dropout if head == "linear" else 0.0)
         self.feature_cache = FeatureCache(cache_dir or default_cache_dir(), enabled=cache)
+
+    def _build_head(self, hidden_dim: int = 0, dropout: float = 0.0) -> None:
+        """The head and the FNE statistics, sized by the current read-out."""
+        model = self.extractor.model
+        self.extractor.eval()  # the probe below must not move BatchNorm statistics
+        with torch.no_grad():
+            channels = model.pretrained_cfg.get("input_size", (3,))[0]
+            device = next(model.parameters()).device
+            self.feature_dim = self.extractor(torch.zeros(2, channels, 32, 32, device=device)).shape[1]
+        self.head = make_head(self.feature_dim, self.num_classes, hidden_dim, dropout).to(device)
+        self.register_buffer("fne_mean", torch.zeros(self.feature_dim, device=device))
+        self.register_buffer("fne_std", torch.ones(self.feature_dim, device=device))
+
+    @property
+    def recipe_name(self) -> Optional[str]:
+        """The recipe in use: the pinned one, or auto's choice once made."""
+        return self.recipe_selection.get("chosen") or (self.recipe if self.recipe != AUTO else None)
+
+    def apply_recipe(self, recipe: Recipe) -> None:
+        """Switch to ``recipe``'s read-out, normalisation and head (a new, unfitted head of the right size)."""
+        old = self.extractor
+        new = self.readout_extractor(recipe.layers)
+        if new is not old:
+            old.remove_hooks()
+            self.extractor = new
+        self.embedding, self.l2_normalize, self.head_type = recipe.embedding, recipe.l2, recipe.head
+        self._build_head()
 
     # ----- the frozen backbone ------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -117,16 +160,18 @@ class FeatureExtraction(TransferModule):
         self.extractor.eval()  # BatchNorm statistics of the backbone never move
         return self
 
+    def readout_extractor(self, layers) -> FeatureExtractor:
+        """The current extractor if it reads ``layers``, else a new one on the same (shared) backbone."""
+        extractor = FeatureExtractor(self.extractor.model, layers).eval()
+        if extractor.layers == self.extractor.layers:
+            extractor.remove_hooks()
+            return self.extractor
+        return extractor
+
     def embed(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw backbone features -> the embedding the head sees."""
-        x = raw
-        if self.embedding == "fne":
-            x = (x - self.fne_mean) / self.fne_std
-            lo, hi = FNE_THRESHOLDS
-            x = (x > hi).to(x.dtype) - (x < lo).to(x.dtype)
-        if self.l2_normalize:
-            x = F.normalize(x, dim=1)
-        return x
+        stats = (self.fne_mean, self.fne_std) if self.embedding == "fne" else None
+        return embed(raw, stats, self.l2_normalize)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (4-D) go through the frozen backbone; cached features (2-D) pass straight through."""
@@ -138,107 +183,59 @@ class FeatureExtraction(TransferModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
-    # ----- cached features ----------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """As ``TransferModule``, on the features averaged over the same ``tta_views`` as every split."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if x.ndim != 4:
+            return super().predict_step(batch, batch_idx, dataloader_idx)
         dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "loader_hook"):
-            dm.loader_hook = self._feature_loader
-
-    def _weights_key(self) -> str:
-        if getattr(self, "_weights_key_value", None) is None:  # the backbone is frozen: hash its tensors once
-            self._weights_key_value = weights_id(self.extractor.model)
-        return self._weights_key_value
-
-    def cached_features(self, split: str, dataset, dm=None) -> dict:
-        """Features of a deterministic ``dataset`` (from the cache, or extracted once and stored).
-
-        ``dm`` (the DataModule that makes the loader) defaults to the trainer's, so this also works unattached.
-        """
-        key = cache_key(backbone=self.backbone_name, weights=self._weights_key(), layers=self.extractor.layers,
-                        dataset=dataset.fingerprint())
-        dm = dm if dm is not None else self.trainer.datamodule
-
-        def compute() -> dict:
-            loader = dm.make_loader(dataset, shuffle=False)
-            return extract_features(self.extractor, loader, self.device, desc=f"extracting {split} features")
-
-        if self._trainer is None:
-            return self.feature_cache.get_or_compute(key, compute)
-        strategy = self.trainer.strategy
-        if self.trainer.world_size > 1 and self.feature_cache.enabled:
-            if self.trainer.is_global_zero:
-                self.feature_cache.get_or_compute(key, compute)
-            strategy.barrier("feature_cache")
-        return self.feature_cache.get_or_compute(key, compute)
-
-    def split_features(self, split: str, dm=None) -> dict:
-        """Raw backbone features of a split's deterministic inputs, averaged over ``tta_views`` cached views."""
-        dm = dm if dm is not None else self.trainer.datamodule
-        base = dm.split_dataset(split, deterministic=True)
-        views = view_transforms(base.transform, self.tta_views, flips=getattr(dm, "hflip", 0) > 0, crop=self.tta_crop)
-        per_view = [self.cached_features(split if i == 0 else f"{split} view {i + 1}/{len(views)}",
-                                         base.with_transform(t), dm) for i, t in enumerate(views)]
-        if len(per_view) == 1:
-            return per_view[0]
-        return {"features": torch.stack([v["features"] for v in per_view]).mean(0), "targets": per_view[0]["targets"]}
-
-    def embedded_split(self, split: str, dm=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embedding the head sees, targets) of a split, from cached features (FNE statistics must be fitted)."""
-        feats = self.split_features(split, dm)
+        views = batch_views(self.tta_views, flips=getattr(dm, "hflip", 0) > 0, crop=self.tta_crop)
         with torch.no_grad():
-            return self.embed(feats["features"].to(self.fne_mean)).cpu(), feats["targets"]
+            raw = torch.stack([self.extractor(x if v is None else v(x)) for v in views]).mean(0)
+        logits = self.head(self.embed(raw))
+        probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)
+        score, pred = probs.max(-1)
+        return {"pred": pred, "score": score, "probs": probs}
 
-    def plot_features(self, split: str) -> dict:
-        """The embedding of ``split`` and its targets, for ``callbacks.FeaturePlot``."""
-        x, y = self.embedded_split(split)
-        return {"features": x, "targets": y}
-
-    def _feature_loader(self, split: str, dataset, shuffle: bool) -> Optional[DataLoader]:
-        dm = self.trainer.datamodule
-        if split == "train" and self.embedding == "fne":
-            self._fit_fne_statistics(dm)
-        if split == "train" and not dm.deterministic_train:
-            return None  # augmented images: the backbone runs in the step
-        if split == "predict":
-            return None  # predictions keep the image order and the file names
-        feats = self.split_features(split, dm)
-        data = TensorDataset(feats["features"], feats["targets"])
-        return DataLoader(data, batch_size=dm.batch_size, shuffle=shuffle)
-
-    def _fit_fne_statistics(self, dm) -> None:
-        train = self.split_features("train", dm)["features"]
-        self.fne_mean.copy_(train.mean(0).to(self.fne_mean))
-        self.fne_std.copy_(train.std(0).clamp(min=1e-6).to(self.fne_std))
-
-    # ----- the full-batch heads (svm, logistic) --------------------------------------------------------------
+    # ----- the full-batch heads (svm, logistic) and recipe selection -------------------------------------------
     @property
     def fitted_head(self) -> bool:
         return self.head_type != "linear"
 
     def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if self.recipe == AUTO and not self.recipe_selection:  # a resumed fit keeps the checkpoint's choice
+            self._check_fixed_inputs(dm)
+            recipe, self.recipe_selection, self._preselected = select_recipe(self, dm)
+            self.apply_recipe(recipe)
         if self.fitted_head:
-            self.fit_head(self.trainer.datamodule)
+            self.fit_head(dm)
+
+    def _check_fixed_inputs(self, dm) -> None:
+        if not dm.deterministic_train:
+            raise TLError(f"the {self.recipe_name or self.head_type} head is fitted once on fixed features, so "
+                          "training augmentation cannot apply; set --data.augment=false (use --model.tta_views "
+                          "for crops and flips).")
 
     def fit_head(self, dm) -> dict:
         """Fit the ``svm``/``logistic`` head in full batch on the cached train (and val) embeddings."""
-        if not dm.deterministic_train:
-            raise TLError(f"the {self.head_type} head is fitted once on fixed features, so training augmentation "
-                          "cannot apply; set --data.augment=false (use --model.tta_views for crops and flips).")
+        self._check_fixed_inputs(dm)
         if self.embedding == "fne":
             self._fit_fne_statistics(dm)
         x_train, y_train = self.embedded_split("train", dm)
         task = dict(num_classes=self.num_classes, multilabel=self.multilabel)
-        if self.head_type == "svm":
+        if self.head_type == "svm" and not self.svm_c_grid:
             fit = fit_svm(x_train, y_train, C=self.svm_c, max_iter=self.lbfgs_max_iter, **task)
             info = {"head": "svm", "C": self.svm_c}
         else:
             x_val, y_val = self.embedded_split("val", dm)
-            sweep = sweep_logistic(x_train, y_train, x_val, y_val, grid=self.reg_grid,
-                                   max_iter=self.lbfgs_max_iter, **task)
-            fit = fit_logistic(torch.cat([x_train, x_val]), torch.cat([y_train, y_val]), reg=sweep.best_reg,
-                               max_iter=self.lbfgs_max_iter, init=sweep.fits[sweep.grid.index(sweep.best_reg)],
-                               **task)
-            info = {"head": "logistic", **sweep.as_dict(), "refit_on": "train+val"}
+            sweep, self._preselected = self._preselected, None
+            if sweep is None:
+                sweep = sweep_head(self.head_type, x_train, y_train, x_val, y_val, reg_grid=self.reg_grid,
+                                   c_grid=self.svm_c_grid, max_iter=self.lbfgs_max_iter, **task)
+            fit = refit(sweep, torch.cat([x_train, x_val]), torch.cat([y_train, y_val]),
+                        max_iter=self.lbfgs_max_iter, **task)
+            info = {"head": self.head_type, **sweep.as_dict(), "refit_on": "train+val"}
         with torch.no_grad():
             self.head.weight.copy_(fit.weight.to(self.head.weight))
             self.head.bias.copy_(fit.bias.to(self.head.bias))
@@ -252,13 +249,24 @@ class FeatureExtraction(TransferModule):
             self.trainer.should_stop = True  # the head is already fitted: one measuring epoch is enough
 
     def results(self) -> dict:
-        return {"head_fit": self.head_fit} if self.head_fit else {}
+        out = {"head_fit": self.head_fit} if self.head_fit else {}
+        if self.recipe_selection:
+            out["recipe_selection"] = self.recipe_selection
+        if self.recipe_name:
+            out["summary"] = {"recipe": self.recipe_name + (" (auto)" if self.recipe == AUTO else "")}
+        return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["head_fit"] = self.head_fit
+        checkpoint["recipe_selection"] = self.recipe_selection
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # runs before the state dict is loaded: an auto run's head must first take the chosen recipe's shape
         self.head_fit = checkpoint.get("head_fit", {}) or {}
+        selection = checkpoint.get("recipe_selection") or {}
+        if selection.get("chosen") and selection["chosen"] != self.recipe_selection.get("chosen"):
+            self.apply_recipe(RECIPES[selection["chosen"]])
+        self.recipe_selection = selection or self.recipe_selection
 
     # ----- steps --------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Optional[torch.Tensor]:
@@ -269,14 +277,11 @@ class FeatureExtraction(TransferModule):
             return None
         return self.supervised_step("train", batch)
 
-    def _eval_step(self, stage: str, batch) -> None:
-        self.supervised_step(stage, batch)
-
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("val", batch)
+        self.supervised_step("val", batch)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("test", batch)
+        self.supervised_step("test", batch)
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.head.parameters()), "lr": self.lr, "name": "head"}]

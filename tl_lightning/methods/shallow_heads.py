@@ -9,7 +9,10 @@
   ``mean_i CE_i + reg / 2 * ||W||^2`` (scikit-learn's ``C`` is ``1 / (reg * N)``).
 
 Both are convex; ``torch.optim.LBFGS`` with a strong-Wolfe line search solves them in float64. The bias is
-not regularised. Multi-label targets are {0, 1} vectors with -1 marking labels to ignore.
+not regularised. With more features than samples both are solved exactly in the span of the samples
+(``row_space``). ``sweep_logistic`` / ``sweep_svm`` choose the strength / C on a validation split and
+``refit`` fits the chosen one on train+val. Multi-label targets are {0, 1} vectors with -1 marking labels to
+ignore.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from tl_lightning.methods.base import build_metrics
 
 #: Default L2 strengths swept by the logistic head: 17 values, log-spaced over [1e-6, 1e2].
 DEFAULT_REG_GRID: tuple[float, ...] = tuple(float(v) for v in np.logspace(-6, 2, 17))
+#: Default C values swept by the SVM head (LIBLINEAR convention): 15 values, log-spaced over [1e-5, 1e2].
+DEFAULT_C_GRID: tuple[float, ...] = tuple(float(v) for v in np.logspace(-5, 2, 15))
 
 
 @dataclass
@@ -45,16 +50,21 @@ class LinearFit:
 
 @dataclass
 class Sweep:
-    """The regularisation sweep of the logistic head: validation score per strength and the one chosen."""
+    """A regularisation sweep: validation score per value of ``param`` (``reg`` or ``C``) and the one chosen."""
 
     grid: list[float]
     val_scores: list[float]
-    best_reg: float
+    best_reg: float  # the chosen value of ``param``
     best_score: float
     fits: list[LinearFit] = field(default_factory=list, repr=False)
+    param: str = "reg"
+
+    @property
+    def best_fit(self) -> LinearFit:
+        return self.fits[self.grid.index(self.best_reg)]
 
     def as_dict(self) -> dict:
-        return {"reg_grid": self.grid, "val_scores": self.val_scores, "reg": self.best_reg,
+        return {f"{self.param}_grid": self.grid, "val_scores": self.val_scores, self.param: self.best_reg,
                 "val_score": self.best_score}
 
 
@@ -107,32 +117,63 @@ def _check(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel:
     return x.to(torch.float64)
 
 
-def _init(x: torch.Tensor, num_classes: int, init: Optional[LinearFit]) -> tuple[torch.Tensor, torch.Tensor]:
+def row_space(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """An orthonormal basis ``[D, r]`` of the span of ``x``'s rows when there are more features than samples.
+
+    Both heads' optimal weights lie in that span (the data term's gradient does, the L2 penalty is isotropic and
+    the bias is not penalised), so fitting coordinates ``z = x @ basis`` (r <= N unknowns per class instead of
+    D) solves the same problem exactly: ``W = W_z @ basis.T``. With 21,008-d FNE features and a few hundred
+    images this makes each L-BFGS step tens of times cheaper.
+    """
+    if x.shape[1] <= x.shape[0]:
+        return None
+    _, s, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=False)
+    rank = max(1, int((s > s[0] * 1e-10).sum())) if len(s) and s[0] > 0 else 1
+    return vh[:rank].T.contiguous()
+
+
+def _solve(objective_of: Callable, x: torch.Tensor, num_classes: int, init: Optional[LinearFit],
+           basis: Optional[torch.Tensor], max_iter: int, tol: float) -> LinearFit:
+    """Minimise ``objective_of(z)(w, b)`` over the row space of ``x`` (or all of it when D <= N)."""
+    basis = row_space(x) if basis is None else basis
+    z = x if basis is None else x @ basis.to(x)
     if init is not None:
-        return init.weight.to(torch.float64), init.bias.to(torch.float64)
-    return torch.zeros(num_classes, x.shape[1], dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
+        w0, b0 = init.weight.to(torch.float64), init.bias.to(torch.float64)
+        w0 = w0 if basis is None else w0 @ basis.to(w0)  # a warm start from another span: its projection
+    else:
+        w0 = torch.zeros(num_classes, z.shape[1], dtype=torch.float64)
+        b0 = torch.zeros(num_classes, dtype=torch.float64)
+    fit = _lbfgs(objective_of(z), w0, b0, max_iter=max_iter, tol=tol)
+    if basis is not None:
+        fit.weight = fit.weight @ basis.to(fit.weight).T
+    return fit
 
 
 def fit_svm(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel: bool = False, C: float = 1.0,
-            max_iter: int = 500, tol: float = 1e-5) -> LinearFit:
-    """One-vs-rest linear SVM, squared hinge (Razavian et al. 2014), LIBLINEAR's primal objective with ``C``."""
+            max_iter: int = 500, tol: float = 1e-5, init: Optional[LinearFit] = None,
+            basis: Optional[torch.Tensor] = None) -> LinearFit:
+    """One-vs-rest linear SVM, squared hinge (Razavian et al. 2014), LIBLINEAR's primal objective with ``C``.
+
+    ``basis``: ``row_space(x)`` when already computed (a sweep computes it once)."""
     if C <= 0:
         raise TLError(f"the SVM's C must be positive (got {C}); set --model.svm_c to e.g. 1.0.")
     x = _check(x, targets, num_classes, multilabel)
     signs, mask = _one_vs_rest(targets, num_classes, multilabel)
     n = len(x)
 
-    def objective(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        margins = (1 - signs * (x @ w.T + b)).clamp(min=0)
-        # divided by N: the same minimiser, better scaled for the line search
-        return (0.5 * (w * w).sum() + C * (mask * margins.square()).sum()) / n
+    def objective_of(z: torch.Tensor) -> Callable:
+        def objective(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            margins = (1 - signs * (z @ w.T + b)).clamp(min=0)
+            # divided by N: the same minimiser, better scaled for the line search
+            return (0.5 * (w * w).sum() + C * (mask * margins.square()).sum()) / n
+        return objective
 
-    return _lbfgs(objective, *_init(x, num_classes, None), max_iter=max_iter, tol=tol)
+    return _solve(objective_of, x, num_classes, init, basis, max_iter, tol)
 
 
 def fit_logistic(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel: bool = False,
                  reg: float = 1e-4, max_iter: int = 500, tol: float = 1e-5,
-                 init: Optional[LinearFit] = None) -> LinearFit:
+                 init: Optional[LinearFit] = None, basis: Optional[torch.Tensor] = None) -> LinearFit:
     """L2-regularised logistic regression: ``mean CE + reg/2 ||W||^2`` (multinomial, or one-vs-rest BCE)."""
     if reg < 0:
         raise TLError(f"the logistic regularisation strength must be >= 0 (got {reg}); fix --model.reg_grid.")
@@ -152,10 +193,12 @@ def fit_logistic(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multi
         def data_loss(logits: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(logits, y)
 
-    def objective(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return data_loss(x @ w.T + b) + 0.5 * reg * (w * w).sum()
+    def objective_of(z: torch.Tensor) -> Callable:
+        def objective(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return data_loss(z @ w.T + b) + 0.5 * reg * (w * w).sum()
+        return objective
 
-    return _lbfgs(objective, *_init(x, num_classes, init), max_iter=max_iter, tol=tol)
+    return _solve(objective_of, x, num_classes, init, basis, max_iter, tol)
 
 
 def sweep_logistic(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
@@ -166,19 +209,52 @@ def sweep_logistic(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
     Strengths are visited from strong to weak, each fit warm-started from the previous one (the solutions move
     smoothly along the path). Ties go to the stronger regularisation.
     """
+    basis = row_space(x_train)
+
+    def fit(reg: float, init: Optional[LinearFit]) -> LinearFit:
+        return fit_logistic(x_train, y_train, num_classes, multilabel, reg, max_iter, init=init, basis=basis)
+
+    return _sweep(fit, grid, "reg", strong_first=lambda reg: -reg, x_val=x_val, y_val=y_val,
+                  num_classes=num_classes, multilabel=multilabel)
+
+
+def sweep_svm(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+              num_classes: int, multilabel: bool = False, grid: Sequence[float] = DEFAULT_C_GRID,
+              max_iter: int = 500) -> Sweep:
+    """The SVM's C chosen on val like the logistic strength: small C (strong regularisation) first, warm
+    started, ties to the smaller C."""
+    basis = row_space(x_train)
+
+    def fit(c: float, init: Optional[LinearFit]) -> LinearFit:
+        return fit_svm(x_train, y_train, num_classes, multilabel, C=c, max_iter=max_iter, init=init, basis=basis)
+
+    return _sweep(fit, grid, "C", strong_first=lambda c: c, x_val=x_val, y_val=y_val, num_classes=num_classes,
+                  multilabel=multilabel)
+
+
+def _sweep(fit: Callable[[float, Optional[LinearFit]], LinearFit], grid: Sequence[float], param: str,
+           strong_first: Callable[[float], float], x_val: torch.Tensor, y_val: torch.Tensor, num_classes: int,
+           multilabel: bool) -> Sweep:
     grid = [float(g) for g in grid]
     if not grid:
-        raise TLError("the logistic head needs at least one regularisation strength; set --model.reg_grid.")
+        raise TLError(f"a sweep needs at least one value of {param}; set --model.{'reg_grid' if param == 'reg' else 'svm_c_grid'}.")
     if len(x_val) == 0:
-        raise TLError("the logistic head selects its regularisation on the validation split, which is empty; "
+        raise TLError("the sweep selects its regularisation on the validation split, which is empty; "
                       "set --data.val_fraction > 0.")
-    order = sorted(range(len(grid)), key=lambda i: -grid[i])
+    order = sorted(range(len(grid)), key=lambda i: strong_first(grid[i]))
     fits: list[Optional[LinearFit]] = [None] * len(grid)
     scores = [0.0] * len(grid)
     previous = None
     for i in order:
-        previous = fits[i] = fit_logistic(x_train, y_train, num_classes, multilabel, grid[i], max_iter,
-                                          init=previous)
+        previous = fits[i] = fit(grid[i], previous)
         scores[i] = score(previous.logits(x_val.to(torch.float64)), y_val, num_classes, multilabel)
     best = max(order, key=lambda i: scores[i])  # max() keeps the first maximum: the strongest among ties
-    return Sweep(grid, scores, grid[best], scores[best], fits)  # type: ignore[arg-type]
+    return Sweep(grid, scores, grid[best], scores[best], fits, param)  # type: ignore[arg-type]
+
+
+def refit(sweep: Sweep, x: torch.Tensor, y: torch.Tensor, num_classes: int, multilabel: bool = False,
+          max_iter: int = 500) -> LinearFit:
+    """The swept model refitted on ``x`` (train+val) at the chosen value, warm-started from its train fit."""
+    if sweep.param == "C":
+        return fit_svm(x, y, num_classes, multilabel, C=sweep.best_reg, max_iter=max_iter, init=sweep.best_fit)
+    return fit_logistic(x, y, num_classes, multilabel, reg=sweep.best_reg, max_iter=max_iter, init=sweep.best_fit)
