@@ -91,3 +91,12 @@ def test_ddp_processes_share_the_run_folder_rank_zero_created(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [p for p in root.iterdir() if p.name != "latest"]
     assert len(runs) == 1 and (runs[0] / "metrics.json").exists() and (runs[0] / "checkpoints" / "last.ckpt").exists()
+
+
+def test_run_name_names_the_experiment_and_the_version():
+    """W&B shows a versioned run as ``<experiment>/<time>``; a typed run folder (SLURM, sweeps) by its own name."""
+    from tl_lightning.run_folders import run_name
+
+    assert run_name("runs/quickstart", "runs/quickstart/20261130-101010") == "quickstart/20261130-101010"
+    assert run_name("runs/quickstart/", "runs/quickstart/20261130-101010-test") == "quickstart/20261130-101010-test"
+    assert run_name("/tmp/r/slurm-7", "/tmp/r/slurm-7") == "slurm-7"

@@ -123,7 +123,7 @@ class TLCLI(LightningCLI):
                                              config.get("ckpt_path"))
         config.trainer.default_root_dir = run_dir
         run_folders.hand_over(self._root, run_dir)
-        place_loggers_in_run_dir(config.trainer)
+        place_loggers_in_run_dir(config.trainer, run_folders.run_name(self._root, run_dir))
         if self.subcommand == "fit":  # a resumed fit logs into the same W&B run and TensorBoard/CSV version
             resume_loggers(config.trainer, config.get("ckpt_path"))
 

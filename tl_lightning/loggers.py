@@ -122,9 +122,9 @@ def _is_wandb_logger(class_path: Any) -> bool:
     return isinstance(cls, type) and issubclass(cls, _LightningWandbLogger)
 
 
-def place_loggers_in_run_dir(trainer_config) -> None:
+def place_loggers_in_run_dir(trainer_config, run_name: Optional[str] = None) -> None:
     """Default every configured W&B logger's ``save_dir`` to ``trainer.default_root_dir`` and its ``name`` to
-    the run directory's name (called by the CLI before the trainer is built)."""
+    ``run_name`` (default: the run directory's name), called by the CLI before the trainer is built."""
     run_dir = trainer_config.get("default_root_dir")
     loggers = trainer_config.get("logger")
     if not run_dir or loggers in (None, True, False):
@@ -138,4 +138,4 @@ def place_loggers_in_run_dir(trainer_config) -> None:
         if not init_args.get("save_dir"):
             init_args["save_dir"] = str(run_dir)
         if not init_args.get("name"):
-            init_args["name"] = os.path.basename(os.path.normpath(str(run_dir)))
+            init_args["name"] = run_name or os.path.basename(os.path.normpath(str(run_dir)))

@@ -129,6 +129,14 @@ def hand_over(root: str, run_dir: str) -> None:
     os.environ[HANDOFF_ENV] = f"{root}\n{run_dir}"
 
 
+def run_name(root: str, run_dir: str) -> str:
+    """A run's display name (W&B): ``<experiment>/<run>`` for a versioned run folder, else the folder's name."""
+    root, run_dir = os.path.normpath(root), os.path.normpath(run_dir)
+    if os.path.dirname(run_dir) == root:
+        return f"{os.path.basename(root)}/{os.path.basename(run_dir)}"
+    return os.path.basename(run_dir)
+
+
 def resolve_last(root: str, typed: bool) -> str:
     """``--ckpt_path last``: the newest run's last checkpoint (one sentence when there is none)."""
     path = os.path.join(root, LAST_CHECKPOINT) if typed else find_last_checkpoint(root)
