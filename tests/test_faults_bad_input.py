@@ -1,7 +1,6 @@
 """Bad input (issue 15, item 7): one sentence that names the problem and the fix, exit 2, no run folder left."""
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +9,7 @@ import pytest
 
 from conftest import FAST, REPO
 from fault_helpers import QUICK, experiment_overlay, one_error
+from helpers.tmpfs import mounted_tmpfs
 from tl_lightning.errors import TLError
 
 
@@ -38,16 +38,8 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_read_only_run_folder_is_one_sentence(tmp_path, capsys, read_only_dir):

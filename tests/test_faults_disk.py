@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from fault_helpers import QUICK, cli, error_line
+from helpers.tmpfs import mounted_tmpfs
 from tl_lightning import atomic
 from tl_lightning.errors import TLError
 
@@ -18,16 +18,8 @@ from tl_lightning.errors import TLError
 @pytest.fixture
 def small_disk(tmp_path):
     """A 48 MiB tmpfs mounted at ``tmp_path/disk`` (skipped where mounting is not allowed)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "size=48m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def fill(disk: Path, leave_bytes: int) -> None:

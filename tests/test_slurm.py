@@ -83,6 +83,14 @@ def wait_for(condition, timeout: float, what: str, log: Path):
     raise AssertionError(f"timed out waiting for {what}; job log:\n{tail}")
 
 
+def requeue_and_wait(job_id: str, log: Path) -> None:
+    """SIGUSR1 to the job's tasks (SLURM's warning before the time limit), then wait for its requeue and its end."""
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    wait_for(lambda: job_field(job_id, "Restarts") == "1", 900, "the requeue", log)
+    wait_for(lambda: job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ""),
+             900, "the requeued job to finish", log)
+
+
 @pytest.mark.slow
 def test_submit_trains_requeues_and_resumes(cluster, tmp_path):
     """SIGUSR1 (SLURM's warning before the time limit) requeues the job, which resumes from its HPC checkpoint.
@@ -108,10 +116,7 @@ def test_submit_trains_requeues_and_resumes(cluster, tmp_path):
         wait_for(lambda: all(m.exists() for m in holding), 900, "both ranks to hold in epoch 1", log)
         assert job_field(job_id, "JobState") == "RUNNING"
         assert (run_dir / "checkpoints" / "last.ckpt").exists()
-        subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-        wait_for(lambda: job_field(job_id, "Restarts") == "1", 900, "the requeue", log)
-        wait_for(lambda: job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ""),
-                 900, "the requeued job to finish", log)
+        requeue_and_wait(job_id, log)
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
     text = log.read_text()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, read_metrics
-from test_slurm import CLUSTER, job_field, wait_for
+from test_slurm import CLUSTER, job_field, requeue_and_wait, wait_for
 
 NODES = ("n1", "n2")
 
@@ -70,10 +70,7 @@ def test_two_node_ddp_trains_requeues_and_both_nodes_resume(two_node_cluster, tm
         first = rank_records(ranks, 0)
         assert_one_process_per_node(first)
         assert first[0]["ckpt_path"] is None and first[1]["ckpt_path"] is None  # a fresh start
-        subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-        wait_for(lambda: job_field(job_id, "Restarts") == "1", 900, "the requeue", log)
-        wait_for(lambda: job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ""),
-                 900, "the requeued job to finish", log)
+        requeue_and_wait(job_id, log)
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
     text = log.read_text()
