@@ -103,7 +103,8 @@ def table(rows: list[dict]) -> str:
     if auto:
         sel = auto["recipe_selection"]
         lines += ["", f"`auto`'s validation scores ({sel['metric']}, {len(sel['candidates'])} candidates, "
-                      f"selection {sel['seconds']:.1f} s on cached features; chosen: `{sel['chosen']}`):", "",
+                      f"selection {sel['seconds']:.1f} s including the extraction of both read-outs on the cold cache; "
+                      f"chosen: `{sel['chosen']}`):", "",
                   "| candidate | val score | strength | feature dim |", "|---|---|---|---|"]
         for c in sel["candidates"]:
             strength = c.get("reg", c.get("C"))
@@ -131,10 +132,12 @@ def main(argv=None) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    def record(row: dict) -> None:
-        done[row["name"]] = row
+    mine = {r["name"]: r for r in json.loads(out_json.read_text())} if args.resume and out_json.exists() else {}
+
+    def record(row: dict) -> None:  # each part's file holds the rows that part measured
+        done[row["name"]] = mine[row["name"]] = row
         tmp = out_json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(list(done.values()), indent=1))
+        tmp.write_text(json.dumps(list(mine.values()), indent=1))
         os.replace(tmp, out_json)
         print(f"{row['name']:55s} {100 * row['test_acc']:5.1f}%  {row['wall_s']:6.1f} s  {row['recipe']}", flush=True)
 
