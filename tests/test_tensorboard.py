@@ -47,7 +47,7 @@ def tensorboard(finished_run):
     proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(finished_run), "--host",
                              "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180  # a safety net: the handshake is the run showing up in /data/runs
+    deadline = time.monotonic() + 900  # a safety net: the handshake is the run showing up in /data/runs
     try:
         while True:
             try:
