@@ -3,6 +3,7 @@ headless Chromium, shows its scalars (the values metrics.json holds) and its plo
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -36,18 +37,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# the servers are on loopback: a proxy from the environment (CI machines reach package registries through one) must
+# not carry these requests, in urllib, in TensorBoard's gRPC data server or in Chromium
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+def _direct_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARS}
+    env["no_proxy"] = env["NO_PROXY"] = "127.0.0.1,localhost"
+    return env
+
+
 def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=30) as r:
+    with _DIRECT.open(url, timeout=30) as r:
         return r.read()
 
 
 @pytest.fixture
 def tensorboard(finished_run):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(finished_run), "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = finished_run.parent / f"tensorboard-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(finished_run), "--host",
+                                 "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                env=_direct_env())
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900  # a safety net: the handshake is the run showing up in /data/runs
+    deadline = time.monotonic() + 600  # a safety net: the handshake is the run showing up in /data/runs
     try:
         while True:
             try:
@@ -55,8 +71,8 @@ def tensorboard(finished_run):
                     break
             except OSError:
                 pass
-            assert proc.poll() is None, "tensorboard exited"
-            assert time.monotonic() < deadline, "tensorboard did not list the run"
+            assert proc.poll() is None, f"tensorboard exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"tensorboard did not list the run:\n{log.read_text()[-3000:]}"
             time.sleep(0.2)
         yield base
     finally:
@@ -82,9 +98,9 @@ def test_tensorboard_in_chromium_shows_the_runs_scalars_and_images(finished_run,
     assert served == pytest.approx(history, abs=1e-6)
 
     url = f"{tensorboard}/?tagFilter={urllib.parse.quote('val/|test/|media/')}#timeseries"
-    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,9000",
-                           "--virtual-time-budget=30000", "--dump-dom", url],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-proxy-server",
+                           "--window-size=1400,9000", "--virtual-time-budget=30000", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=300, env=_direct_env())
     dom = proc.stdout
     assert run_name in dom
     for tag in ("val/acc", "val/loss", "test/acc", "media/learning_curves", "media/confusion_matrix"):
