@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from fault_helpers import QUICK, experiment_overlay
+from fault_helpers import QUICK, cli, experiment_overlay
 
 
 def loadable(path: Path) -> bool:
@@ -39,8 +39,6 @@ def wait_for(predicate, proc: subprocess.Popen, what: str, limit_s: float = 600)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known bug: when the signal lands mid-epoch, the resumed run loses that "
-                   "epoch's history row (seen: epochs [0, 1, 3]); open in issue 15, item 4")
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_killed_fit_exits_nonzero_saves_last_and_prints_the_resume_command(tmp_path, signum, code):
     root = tmp_path / "exp"
@@ -72,3 +70,50 @@ def test_killed_fit_exits_nonzero_saves_last_and_prints_the_resume_command(tmp_p
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [row["epoch"] for row in history] == list(range(stop))
     assert not list((run / "checkpoints").glob("last-v*.ckpt"))
+
+
+STOP = ("fit", *QUICK, "--trainer.limit_train_batches=3", "--test_after_fit=false")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[dict]:
+    """The history of a run that trained 4 epochs without a stop."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc = cli(*STOP, f"--trainer.default_root_dir={run}", "--trainer.max_epochs=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((run / "metrics.json").read_text())["history"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, epoch, batch, finished", [
+    ("train", 2, 1, 1),  # mid-epoch
+    ("train", 2, 2, 1),  # the epoch's last training batch, before its validation (once lost epoch 2's row)
+    ("val", 2, 0, 2),    # during the epoch's validation: it finishes and last.ckpt holds epoch 2
+])
+def test_a_resume_after_a_stop_anywhere_in_an_epoch_equals_the_uninterrupted_run(tmp_path, uninterrupted, stage,
+                                                                                  epoch, batch, finished):
+    run = tmp_path / "run"
+    stopped = cli(*STOP, f"--trainer.default_root_dir={run}", "--trainer.max_epochs=4",
+                  "--trainer.callbacks+=tests.helpers.signal_at.SignalAt", f"--trainer.callbacks.epoch={epoch}",
+                  f"--trainer.callbacks.batch={batch}", f"--trainer.callbacks.stage={stage}")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["epoch"] == finished and saved["global_step"] == 3 * (finished + 1)  # an epoch end, never mid-epoch
+    assert f"holds the end of epoch {finished} (step {3 * (finished + 1)})" in stopped.stderr
+    resumed = cli(*STOP, f"--trainer.default_root_dir={run}", "--trainer.max_epochs=4", f"--ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # every epoch once, with the values of the run that was never stopped (same data order: RandomState)
+    assert json.loads((run / "metrics.json").read_text())["history"] == uninterrupted
+
+
+@pytest.mark.slow
+def test_a_stop_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path):
+    run = tmp_path / "run"
+    stopped = cli(*STOP, f"--trainer.default_root_dir={run}", "--trainer.max_epochs=4",
+                  "--trainer.callbacks+=tests.helpers.signal_at.SignalAt", "--trainer.callbacks.epoch=0",
+                  "--trainer.callbacks.batch=1", f"--trainer.callbacks.signum={int(signal.SIGINT)}")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "SIGINT: stopped in epoch 0 at step 2, before the first epoch ended, so there is nothing to resume; " \
+           "rerun the command to start again." in stopped.stderr
+    assert not (run / "checkpoints" / "last.ckpt").exists() and not (run / "metrics.json").exists()

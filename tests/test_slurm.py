@@ -127,11 +127,12 @@ def test_submit_trains_requeues_and_resumes(cluster, tmp_path):
     assert f"Restored all states from the checkpoint at {hpc}" in text  # resumed, not restarted
 
     saved = torch.load(hpc, map_location="cpu", weights_only=False)
-    assert 1 <= saved["epoch"] < epochs
+    assert saved["epoch"] == 0  # last.ckpt of the last finished epoch (the hold is in epoch 1)
     metrics = read_metrics(run_dir)
     assert metrics["epochs"] == epochs and "test/acc" in metrics["metrics"]
     assert [row["epoch"] for row in metrics["history"]] == list(range(epochs))
     # the epochs before the interruption come from the checkpoint, not from a second training
     before = next(v for k, v in saved["callbacks"].items() if k.startswith("ResultsWriter"))["history"]
-    assert before and metrics["history"][:len(before)] == before
+    assert [row["epoch"] for row in before] == [0]  # an epoch end with its row, not a cut-short epoch
+    assert metrics["history"][:len(before)] == before
     assert json.loads((run_dir / "confusion_matrix.json").read_text())["matrix"]

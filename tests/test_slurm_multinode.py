@@ -84,17 +84,19 @@ def test_two_node_ddp_trains_requeues_and_both_nodes_resume(two_node_cluster, tm
     assert f"job {job_id} (restart 1)" in text
     assert text.count("nodes: n[1-2] (2), tasks per node: 1") == 2  # the job script's view, each segment
     saved = torch.load(hpc, map_location="cpu", weights_only=False)
-    assert 1 <= saved["epoch"] < epochs
-    # after the requeue both nodes start again, each restored from the same checkpoint at the same step
+    assert saved["epoch"] == 0  # last.ckpt of the last finished epoch (the hold is in epoch 1)
+    # after the requeue both nodes start again, each restored from the same checkpoint at the same step: the
+    # epoch after the saved one (an epoch-end checkpoint)
     resumed = rank_records(ranks, 1)
     assert_one_process_per_node(resumed)
     for rec in resumed:
         assert rec["ckpt_path"] == str(hpc)
-        assert (rec["epoch"], rec["global_step"]) == (saved["epoch"], saved["global_step"])
+        assert (rec["epoch"], rec["global_step"]) == (saved["epoch"] + 1, saved["global_step"])
     assert saved["global_step"] > 0
 
     metrics = read_metrics(run_dir)
     assert metrics["epochs"] == epochs and "test/acc" in metrics["metrics"]
     assert [row["epoch"] for row in metrics["history"]] == list(range(epochs))
     before = next(v for k, v in saved["callbacks"].items() if k.startswith("ResultsWriter"))["history"]
-    assert before and metrics["history"][:len(before)] == before
+    assert [row["epoch"] for row in before] == [0]  # an epoch end with its row, not a cut-short epoch
+    assert metrics["history"][:len(before)] == before

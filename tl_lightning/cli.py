@@ -21,7 +21,8 @@ from tl_lightning.callbacks.interrupt import InterruptCheckpoint, take_stop_sign
 from tl_lightning.callbacks.logger_resume import LoggerResume, resume_loggers
 from tl_lightning.callbacks.media import ConfusionMatrix, log_run_media
 from tl_lightning.callbacks.predictions import PredictionWriter
-from tl_lightning.callbacks.requeue import SLURMRequeue
+from tl_lightning.callbacks.random_state import RandomState
+from tl_lightning.callbacks.requeue import Requeued, SLURMRequeue
 from tl_lightning.callbacks.results import BestCheckpoint, ResultsWriter
 from tl_lightning.backbones import check_backbone_name
 from tl_lightning.errors import TLError
@@ -157,8 +158,6 @@ class TLCLI(LightningCLI):
         log_run_media(self.trainer, since=self._started_wall)
 
     def after_fit(self) -> None:
-        if any(getattr(c, "requeued", False) for c in self.trainer.callbacks):
-            return  # SLURM requeues this job; the next run resumes from the HPC checkpoint and reports
         metrics = dict(self.trainer.callback_metrics)
         if self.config[self.subcommand].get("test_after_fit", True) and not self.trainer.interrupted:
             ckpt = self.trainer.checkpoint_callback
@@ -209,8 +208,8 @@ def run_cli(args: Optional[list[str]] = None, run: bool = True, cli_class: type 
         subclass_mode_data=True,
         save_config_callback=SaveRunConfig,
         parser_class=TLArgumentParser,
-        trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), SLURMRequeue(), PredictionWriter(), ConfusionMatrix(),
-                                         LoggerResume(), InterruptCheckpoint(argv)]},
+        trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), SLURMRequeue(), PredictionWriter(),
+                                        ConfusionMatrix(), LoggerResume(), InterruptCheckpoint(argv), RandomState()]},
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
@@ -235,6 +234,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         take_stop_signal()
         try:
             run_cli(None if argv == sys.argv[1:] else argv)
+        except Requeued:
+            run_folders.forget_created()  # SLURM runs this job again, in the same run folder
+            return
         except BaseException:
             run_folders.discard_unused_run_folders()  # a command that failed early leaves no run folder behind
             stopped_by = take_stop_signal()

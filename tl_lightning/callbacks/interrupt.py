@@ -38,16 +38,21 @@ def resume_command(argv: Sequence[str], ckpt_path: str) -> str:
 
 
 class InterruptCheckpoint(L.Callback):
-    """On SIGTERM/SIGINT during ``fit``: save ``last.ckpt`` where the checkpoint callback keeps it, say how to resume.
+    """On SIGTERM/SIGINT during ``fit``: stop at the next batch boundary and say how to resume from ``last.ckpt``.
 
-    In a single process the signal only sets a flag; the run stops at the next training-batch boundary, so a
-    validation in progress finishes and the epoch's history row and last.ckpt are written first, and the saved
-    state resumes cleanly. A second Ctrl+C stops at once. Under DDP, Lightning's own SIGTERM handling applies.
+    ``last.ckpt`` is the state at the end of the last finished epoch (``BestCheckpoint`` writes it there, after
+    the epoch's validation and history row). A stop never overwrites it with a mid-epoch state: Lightning resumes
+    such a state with a fresh data order, and when the stop lands after the epoch's last training batch it skips
+    that epoch's validation and history row, both silently. So a resumed run redoes the interrupted epoch from
+    its start and its results equal an uninterrupted run's. In a single process the signal only sets a flag (a
+    validation in progress finishes first); a second Ctrl+C stops at once. Under DDP, Lightning's own SIGTERM
+    handling stops the run and the same ``last.ckpt`` applies.
     """
 
     def __init__(self, argv: Optional[Sequence[str]] = None):
         self.argv = list(argv) if argv is not None else list(sys.argv[1:])
         self.received: Optional[int] = None
+        self.finished: Optional[tuple[int, int]] = None  # (epoch, global step) of the last finished epoch
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received = None
@@ -60,9 +65,20 @@ class InterruptCheckpoint(L.Callback):
             raise KeyboardInterrupt  # a second Ctrl+C: stop now
         self.received = signum
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+    def _stop_if_signalled(self) -> None:
         if self.received is not None:
             raise SIGTERMException()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a resumed run starts at the epoch after last.ckpt's; a fresh one has no finished epoch yet
+        self.finished = (trainer.current_epoch - 1, trainer.global_step) if trainer.current_epoch > 0 else None
+        self._stop_if_signalled()  # the signal came during the last epoch's validation: its last.ckpt is written
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        self._stop_if_signalled()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_signalled()  # the signal came during the final epoch: stopped, not finished (no test run)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit":
@@ -76,19 +92,18 @@ class InterruptCheckpoint(L.Callback):
         else:
             return
         _stopped_by[:] = [int(signum)]
+        if not trainer.is_global_zero:
+            return
         ckpt = trainer.checkpoint_callback
         folder = getattr(ckpt, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
         path = os.path.join(folder, "last.ckpt")
-        if trainer.world_size == 1:  # under DDP the other processes are gone: keep the epoch-end last.ckpt
-            if ckpt is not None and getattr(ckpt, "save_last", False):
-                ckpt.last_model_path = path  # so the resumed run keeps writing last.ckpt, not last-v1.ckpt
-            trainer.save_checkpoint(path)
-        if not trainer.is_global_zero:
-            return
         name = signal.Signals(signum).name
-        if os.path.exists(path):
-            print(f"{name}: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}; saved {path}; "
+        where = f"stopped in epoch {trainer.current_epoch} at step {trainer.global_step}"
+        if self.finished is not None and os.path.exists(path):
+            epoch, step = self.finished
+            redo = "" if trainer.global_step == step else f"; its {trainer.global_step - step} later steps are redone"
+            print(f"{name}: {where}; {path} holds the end of epoch {epoch} (step {step}){redo}; "
                   f"resume with: {resume_command(self.argv, path)}", file=sys.stderr, flush=True)
         else:
-            print(f"{name}: stopped before any checkpoint was saved; rerun the command to start again.",
-                  file=sys.stderr, flush=True)
+            print(f"{name}: {where}, before the first epoch ended, so there is nothing to resume; rerun the "
+                  "command to start again.", file=sys.stderr, flush=True)

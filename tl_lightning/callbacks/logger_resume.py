@@ -11,9 +11,7 @@ starts at the checkpoint's global step, so every step it logs comes after the la
 """
 from __future__ import annotations
 
-import glob
 import os
-import re
 from typing import Any, Optional
 
 import lightning as L
@@ -21,6 +19,8 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+
+from tl_lightning.callbacks.requeue import newest_hpc_checkpoint
 
 CHECKPOINT_KEY = "tl_loggers"
 #: loggers whose identity is stored: checkpoint name -> (Logger class, the init argument that takes it)
@@ -59,23 +59,13 @@ def stored_identities(ckpt_path: str) -> dict[str, Any]:
     return dict(value) if isinstance(value, dict) else {}
 
 
-def hpc_checkpoint(run_dir: str) -> Optional[str]:
-    """The ``hpc_ckpt_<n>.ckpt`` with the highest ``n`` in ``run_dir`` (what Lightning restores under SLURM)."""
-    numbered = []
-    for path in glob.glob(os.path.join(glob.escape(run_dir), "hpc_ckpt_*.ckpt")):
-        match = re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", os.path.basename(path))
-        if match:
-            numbered.append((int(match.group(1)), path))
-    return max(numbered)[1] if numbered else None
-
-
 def resume_checkpoint(ckpt_path: Optional[str], run_dir: str) -> Optional[str]:
     """The checkpoint a ``fit`` will resume from: ``ckpt_path`` when it is a file, else under SLURM the run
     folder's newest HPC checkpoint (Lightning restores that one by itself)."""
     if ckpt_path:
         return str(ckpt_path) if os.path.isfile(str(ckpt_path)) else None
     if SLURMEnvironment.detect():
-        return hpc_checkpoint(run_dir)
+        return newest_hpc_checkpoint(run_dir)
     return None
 
 
