@@ -1,7 +1,8 @@
 """A fit resumed with ``--ckpt_path`` continues the same W&B run (id stored in the checkpoint, two offline segments
-of one run id, steps continuous, none twice) and the same TensorBoard version folder."""
+of one run id, steps continuous, none twice) and the same TensorBoard and CSV version folders (every step once)."""
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,53 @@ def test_resumed_fit_logs_into_the_same_tensorboard_version(tmp_path):
     steps = [e.step for e in events.Scalars("val/acc")]
     assert len(steps) == 4 and steps == sorted(set(steps))
     assert sorted({int(e.value) for e in events.Scalars("epoch") if e.step in steps}) == [0, 1, 2, 3]
+
+
+STOPPABLE = ("fit", "--config", "configs/finetune/quickstart.yaml", "--data.image_size=32",
+             "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.accelerator=cpu",
+             "--trainer.devices=1", "--trainer.enable_progress_bar=false", "--data.num_workers=0",
+             "--test_after_fit=false", "--trainer.max_epochs=4", "--trainer.log_every_n_steps=1")
+
+
+def _fit_with_csv_and_tensorboard(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    loggers = ("--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run_dir}",
+               "--trainer.logger.name=csv", "--trainer.logger+=lightning.pytorch.loggers.TensorBoardLogger",
+               f"--trainer.logger.save_dir={run_dir}", "--trainer.logger.name=tb")
+    return subprocess.run([sys.executable, "-m", "tl_lightning", *STOPPABLE, f"--trainer.default_root_dir={run_dir}",
+                           *loggers, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def _csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_stopped_mid_epoch_continues_its_csv_and_tensorboard_folders_without_repeats(tmp_path):
+    """FineTune logs its learning rates every step: the stopped run logged step 6 of epoch 2, which the resumed run
+    (from last.ckpt, the end of epoch 1, step 6) logs again. Each logger keeps one version folder, every step once,
+    and the CSV equals the one of a run that was never stopped."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    whole = _fit_with_csv_and_tensorboard(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "run"
+    stopped = _fit_with_csv_and_tensorboard(run, "--trainer.callbacks+=tests.helpers.signal_at.SignalAt",
+                                            "--trainer.callbacks.epoch=2", "--trainer.callbacks.batch=1")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    before = _csv(run / "csv" / "version_0" / "metrics.csv")
+    assert max(int(r["step"]) for r in before) == 6  # epoch 2's first step, after last.ckpt's step 6
+    resumed = _fit_with_csv_and_tensorboard(run, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "logging continues with csv version 0, tensorboard version 0" in resumed.stderr
+
+    assert [p.name for p in (run / "csv").iterdir()] == ["version_0"]
+    rows = _csv(run / "csv" / "version_0" / "metrics.csv")
+    assert [int(r["step"]) for r in rows if r["lr/head"]] == list(range(12))  # every step once
+    assert rows[:len(before) - 1] == before[:-1]  # the rows before the checkpoint's step are kept as written
+    assert rows == _csv(tmp_path / "whole" / "csv" / "version_0" / "metrics.csv")
+
+    assert [p.name for p in (run / "tb").iterdir()] == ["version_0"]
+    events = EventAccumulator(str(run / "tb" / "version_0"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("lr/head")] == list(range(12))
+    assert [e.step for e in events.Scalars("val/acc")] == [2, 5, 8, 11]

@@ -1,6 +1,6 @@
-"""A ``fit`` stopped by SIGTERM or SIGINT (Ctrl+C) saves ``checkpoints/last.ckpt``, prints the exact command that
-resumes it (one line), and the CLI exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT), so no
-scheduler or script mistakes a killed run for a finished one.
+"""A ``fit`` stopped by SIGTERM or SIGINT (Ctrl+C) prints the exact command that resumes it from
+``checkpoints/last.ckpt`` (one line), and the CLI exits with 128 + the signal number (143 for SIGTERM, 130 for
+SIGINT), so no scheduler or script mistakes a killed run for a finished one.
 """
 from __future__ import annotations
 
