@@ -125,3 +125,27 @@ def test_a_run_stopped_mid_epoch_continues_its_csv_and_tensorboard_folders_witho
     events.Reload()
     assert [e.step for e in events.Scalars("lr/head")] == list(range(12))
     assert [e.step for e in events.Scalars("val/acc")] == [2, 5, 8, 11]
+
+
+def test_a_run_stopped_mid_epoch_logs_each_step_once_in_its_wandb_run(tmp_path):
+    """W&B cannot delete rows: the training rows are held until their epoch has ended, so the rows of the epoch the
+    stopped run did not finish never reach W&B, and the resumed run (which redoes that epoch) logs each step once."""
+    run = tmp_path / "run"
+    wandb = ("--config", "configs/logger/wandb.yaml")
+    stop = ("--trainer.callbacks+=tests.helpers.signal_at.SignalAt", "--trainer.callbacks.epoch=2",
+            "--trainer.callbacks.batch=1")
+    base = [sys.executable, "-m", "tl_lightning", *STOPPABLE, f"--trainer.default_root_dir={run}", *wandb]
+    stopped = subprocess.run([*base, *stop], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    resumed = subprocess.run([*base, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], cwd=REPO,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    segments = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2, segments
+    (id1, rows1), (id2, rows2) = (_segment(s) for s in segments)
+    assert id1 == id2
+    # the stopped segment sent epochs 0 and 1 (steps 0-5), nothing of epoch 2 (its step 6 was held, then dropped)
+    assert [int(r["trainer/global_step"]) for r in rows1 if "lr/head" in r] == list(range(6))
+    rows = rows1 + rows2
+    assert [int(r["trainer/global_step"]) for r in rows if "lr/head" in r] == list(range(12))  # each step once
+    assert [int(r["epoch"]) for r in rows if "val/acc" in r] == [0, 1, 2, 3]

@@ -53,9 +53,10 @@ class InterruptCheckpoint(L.Callback):
         self.argv = list(argv) if argv is not None else list(sys.argv[1:])
         self.received: Optional[int] = None
         self.finished: Optional[tuple[int, int]] = None  # (epoch, global step) of the last finished epoch
+        self.training_started = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.received = None
+        self.received, self.finished, self.training_started = None, None, False
         if trainer.world_size == 1:  # installed after Lightning's handlers, which it restores when fit ends
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
@@ -72,6 +73,7 @@ class InterruptCheckpoint(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a resumed run starts at the epoch after last.ckpt's; a fresh one has no finished epoch yet
         self.finished = (trainer.current_epoch - 1, trainer.global_step) if trainer.current_epoch > 0 else None
+        self.training_started = True
         self._stop_if_signalled()  # the signal came during the last epoch's validation: its last.ckpt is written
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
@@ -98,12 +100,19 @@ class InterruptCheckpoint(L.Callback):
         folder = getattr(ckpt, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
         path = os.path.join(folder, "last.ckpt")
         name = signal.Signals(signum).name
-        where = f"stopped in epoch {trainer.current_epoch} at step {trainer.global_step}"
-        if self.finished is not None and os.path.exists(path):
-            epoch, step = self.finished
-            redo = "" if trainer.global_step == step else f"; its {trainer.global_step - step} later steps are redone"
-            print(f"{name}: {where}; {path} holds the end of epoch {epoch} (step {step}){redo}; "
-                  f"resume with: {resume_command(self.argv, path)}", file=sys.stderr, flush=True)
+        where = (f"stopped in epoch {trainer.current_epoch} at step {trainer.global_step}" if self.training_started
+                 else "stopped before training started")
+        if os.path.exists(path) and (self.finished is not None or not self.training_started):
+            if self.finished is not None:
+                epoch, step = self.finished
+                steps = trainer.global_step - step
+                held = f"holds the end of epoch {epoch} (step {step})" + (f"; its {steps} later steps are redone"
+                                                                        if steps else "")
+            else:  # stopped while a resumed run was still setting up
+                held = "holds the last finished epoch"
+            print(f"{name}: {where}; {path} {held}; resume with: {resume_command(self.argv, path)}",
+                  file=sys.stderr, flush=True)
         else:
-            print(f"{name}: {where}, before the first epoch ended, so there is nothing to resume; rerun the "
-                  "command to start again.", file=sys.stderr, flush=True)
+            when = ", before the first epoch ended" if self.training_started else ""
+            print(f"{name}: {where}{when}, so there is nothing to resume; rerun the command to start again.",
+                  file=sys.stderr, flush=True)

@@ -42,7 +42,35 @@ def logger_identities(loggers) -> dict[str, Any]:
 
 
 class LoggerResume(L.Callback):
-    """Stores the loggers' identities (W&B run id, TensorBoard version) in every checkpoint."""
+    """Stores the loggers' identities (W&B run id, TensorBoard and CSV versions) in every checkpoint, and releases
+    the training rows a W&B logger holds back once their epoch has ended (``loggers.wandb_logger``)."""
+
+    def __init__(self):
+        self._epoch_start_step = 0
+
+    @staticmethod
+    def _holding_loggers(trainer: "L.Trainer") -> list:
+        return [lg for lg in trainer.loggers if hasattr(lg, "hold") and hasattr(lg, "release")]
+
+    def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        self._epoch_start_step = trainer.global_step
+        for logger in self._holding_loggers(trainer):
+            logger.hold()
+
+    def on_train_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        # the previous epoch ended and wrote last.ckpt: its rows (epoch-level ones are logged at its last step)
+        self._epoch_start_step = trainer.global_step
+        for logger in self._holding_loggers(trainer):
+            logger.release(before_step=trainer.global_step)
+
+    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        for logger in self._holding_loggers(trainer):
+            logger.release(keep_holding=False)
+
+    def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
+        # stopped mid-epoch: the resumed run redoes the epoch from last.ckpt, so its rows are dropped here
+        for logger in self._holding_loggers(trainer):
+            logger.release(before_step=self._epoch_start_step, keep_holding=False)
 
     def on_save_checkpoint(self, trainer: "L.Trainer", pl_module: "L.LightningModule", checkpoint: dict) -> None:
         if trainer.is_global_zero:

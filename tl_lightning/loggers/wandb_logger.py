@@ -4,6 +4,11 @@
 (``WANDB_API_KEY`` or a ``wandb login`` entry in ``~/.netrc``) or without a reachable server the run is written
 offline into ``<run dir>/wandb/offline-run-*``, from where ``wandb sync`` uploads it later. ``WANDB_MODE``, when
 set, always wins. Use it from any config with ``--config configs/logger/wandb.yaml``.
+
+W&B cannot delete a logged row. So during training the rows are held back until the epoch that logged them has
+ended and written ``last.ckpt`` (``callbacks/logger_resume.LoggerResume`` releases them): a run stopped mid-epoch
+drops the rows of its unfinished epoch, and the resumed run, which redoes that epoch from ``last.ckpt``, logs each
+step once. ``live=True`` sends every row at once instead; a resumed run then logs its redone steps twice.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
@@ -77,6 +82,7 @@ class WandbLogger(_LightningWandbLogger):
         notes: Optional[str] = None,
         offline: Optional[bool] = None,
         resume: Optional[str] = "allow",
+        live: bool = False,
         **kwargs: Any,
     ):
         """
@@ -92,6 +98,7 @@ class WandbLogger(_LightningWandbLogger):
             offline: ``None`` decides automatically (key and server present -> online); True/False force it.
             resume: ``wandb.init``'s ``resume``; with ``"allow"`` a run given an existing ``id`` (a resumed fit
                 gets the id stored in its checkpoint) continues that run instead of starting a new one.
+            live: send each training row at once instead of when its epoch has ended (see the module docstring).
             **kwargs: more ``wandb.init`` arguments (``job_type``, ``config``, ...).
         """
         if offline is None:
@@ -107,6 +114,31 @@ class WandbLogger(_LightningWandbLogger):
         super().__init__(project=project, entity=entity, tags=list(tags) if tags else None, log_model=log_model,
                          name=name, save_dir=save_dir if save_dir is not None else ".", offline=offline,
                          group=group, notes=notes, resume=resume, **kwargs)
+        self.live = live
+        self._holding = False
+        self._held: list[tuple[dict, Optional[int]]] = []
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step: Optional[int] = None) -> None:
+        if self._holding:
+            self._held.append((dict(metrics), step))
+        else:
+            super().log_metrics(metrics, step)
+
+    def hold(self) -> None:
+        """From now on keep rows back until ``release`` (unless ``live``)."""
+        self._holding = not self.live
+
+    def release(self, before_step: Optional[int] = None, keep_holding: bool = True) -> None:
+        """Send the held rows logged before ``before_step`` (all with None); with ``keep_holding=False`` drop the
+        others and send later rows at once."""
+        held, self._held, self._holding = self._held, [], False
+        for metrics, step in held:
+            if before_step is None or (step is not None and step < before_step):
+                self.log_metrics(metrics, step)
+            elif keep_holding:
+                self._held.append((metrics, step))
+        self._holding = keep_holding and not self.live
 
 
 def _is_wandb_logger(class_path: Any) -> bool:
