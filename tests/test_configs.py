@@ -1,0 +1,82 @@
+"""Every shipped config (``configs/**/*.yaml``) parses and builds its model, DataModule and Trainer, and the values
+it sets reach the objects. Overlays (a config that only adds to another) are built on top of their base config."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+#: overlays and the config each is documented with
+OVERLAYS = {
+    "configs/adaptation/dann_batchnorm.yaml": "configs/adaptation/mnist_to_mnistm.yaml",
+    "configs/logger/wandb.yaml": "configs/quickstart.yaml",
+}
+
+
+def _class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _image_tree(root: Path) -> Path:
+    """``root/<class>/*.png``: the layout ImageFolderDataModule reads (2 classes, 3 images each)."""
+    import numpy as np
+
+    from fixtures.datasets import photo
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            photo(rng, (40, 40)).save(root / name / f"{i}.png")
+    return root
+
+
+def _scalars(section: dict | None) -> dict:
+    args = (section or {}).get("init_args", {}) or {}
+    return {k: v for k, v in args.items() if isinstance(v, (bool, int, float, str))}
+
+
+def test_every_config_that_is_not_a_full_run_is_a_registered_overlay():
+    for config in CONFIGS:
+        text = yaml.safe_load((REPO / config).read_text())
+        full = "class_path" in (text.get("model") or {}) and "class_path" in (text.get("data") or {})
+        assert full or config in OVERLAYS, f"{config} sets no model/data class: add it to OVERLAYS with its base"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_builds_its_model_datamodule_and_trainer(config, tmp_path):
+    from tl_lightning.cli import run_cli as build
+
+    layers = [OVERLAYS[config], config] if config in OVERLAYS else [config]
+    merged: dict = {}
+    for layer in layers:
+        text = yaml.safe_load((REPO / layer).read_text())
+        for key in ("model", "data"):
+            if key in text:
+                merged.setdefault(key, {}).setdefault("init_args", {}).update(text[key].get("init_args") or {})
+                if "class_path" in text[key]:
+                    merged[key]["class_path"] = text[key]["class_path"]
+    args = [a for layer in layers for a in ("--config", str(REPO / layer))]
+    if merged["data"]["class_path"].endswith("ImageFolderDataModule"):  # the user's folder: a tiny one here
+        args.append(f"--data.data_dir={_image_tree(tmp_path / 'images')}")
+        merged["data"]["init_args"].pop("data_dir", None)
+    cli = build([*args, "--trainer.accelerator=cpu", "--trainer.devices=1",
+                 f"--trainer.default_root_dir={tmp_path / 'run'}"], run=False)
+    assert isinstance(cli.model, _class(merged["model"]["class_path"]))
+    assert isinstance(cli.datamodule, _class(merged["data"]["class_path"]))
+    for key, value in _scalars(merged["model"]).items():  # the config's values reach the model
+        if key in cli.model.hparams:
+            assert cli.model.hparams[key] == value, key
+    for key, value in _scalars(merged["data"]).items():  # and the DataModule
+        if hasattr(cli.datamodule, key) and not callable(getattr(cli.datamodule, key)):
+            assert getattr(cli.datamodule, key) == value, key
+    if config == "configs/logger/wandb.yaml":
+        from tl_lightning.loggers import WandbLogger
+
+        assert any(isinstance(lg, WandbLogger) for lg in cli.trainer.loggers)
