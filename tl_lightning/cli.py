@@ -25,6 +25,7 @@ from tl_lightning.callbacks.random_state import RandomState
 from tl_lightning.callbacks.requeue import Requeued, SLURMRequeue
 from tl_lightning.callbacks.results import BestCheckpoint, ResultsWriter
 from tl_lightning.backbones import check_backbone_name
+from tl_lightning.console import quiet_expected_noise
 from tl_lightning.errors import TLError
 from tl_lightning.loggers import place_loggers_in_run_dir
 from tl_lightning.methods.base import TransferModule
@@ -226,6 +227,7 @@ def _user_message(err: BaseException) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_expected_noise()
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
             module, func = EXTRA_COMMANDS[argv[0]].split(":")
