@@ -97,3 +97,24 @@ def test_sweep_yaml_syntax_error_gives_the_line(tmp_path):
     bad.write_text("method: grid\nmetric:\n  name: val/acc\n   goal: maximize\n")
     with pytest.raises(TLError, match=r"sweep file '.*sweep.yaml' is not valid YAML: .* at line 4, column"):
         load_sweep(str(bad))
+
+
+def test_a_truncated_gzip_archive_is_one_sentence_and_leaves_no_partial_file(tmp_path):
+    import gzip
+
+    import pytest
+
+    from tl_lightning.data.ondisk import gunzip
+    from tl_lightning.errors import TLError
+
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    whole = tmp_path / "train-images-idx3-ubyte.gz"
+    whole.write_bytes(gzip.compress(payload))
+    gunzip(str(whole), str(tmp_path / "whole"))
+    assert (tmp_path / "whole").read_bytes() == payload
+
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])  # a download that stopped half-way
+    with pytest.raises(TLError, match=r"^cannot unpack '.*cut\.gz' \(EOFError: .*\); replace it with the official"):
+        gunzip(str(cut), str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gz", "train-images-idx3-ubyte.gz", "whole"]

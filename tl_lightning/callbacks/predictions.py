@@ -14,6 +14,8 @@ from typing import Optional
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from tl_lightning.atomic import atomic_open
+
 PREDICTIONS_FILE = "predictions.csv"
 
 
@@ -61,12 +63,10 @@ class PredictionWriter(BasePredictionWriter):
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, self.filename)
         header = ["file", "class", "score"] + (["labels"] if getattr(pl_module, "multilabel", False) else [])
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_open(self.path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             writer.writerows(rows[i] for i in sorted(rows))
-        os.replace(tmp, self.path)
         print(f"wrote {len(rows)} predictions to {self.path}", flush=True)
 
     def _gather(self, trainer) -> dict[int, list]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
+from tl_lightning.atomic import atomic_open
 from tl_lightning.errors import DatasetNotFoundError, TLError, missing_dataset
 
 
@@ -81,12 +81,19 @@ def is_writable_dir(path: str) -> bool:
 
 def gunzip(src: str, dst: str) -> None:
     """Decompress ``src`` into ``dst`` atomically (a killed run leaves no half-written file)."""
-    tmp = f"{dst}.tmp{os.getpid()}"
+
+    def unreadable(e: BaseException) -> TLError:
+        return TLError(f"cannot unpack '{src}' ({e.__class__.__name__}: {e}); replace it with the official file.")
+
     try:
-        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, length=1 << 20)
-        os.replace(tmp, dst)
-    except (OSError, EOFError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise TLError(f"cannot unpack '{src}' ({e.__class__.__name__}: {e}); replace it with the official file.") from e
+        with gzip.open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
+            while True:
+                try:
+                    chunk = fin.read(1 << 20)
+                except (OSError, EOFError) as e:  # a truncated or corrupt archive, not a failed write
+                    raise unreadable(e) from e
+                if not chunk:
+                    break
+                fout.write(chunk)
+    except (OSError, EOFError) as e:  # the archive cannot be opened
+        raise unreadable(e) from e

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from tl_lightning.atomic import write_text
 from tl_lightning.errors import TLError
 
 #: what to do with image files that do not decode: drop them (and warn), stop with an error, or not check
@@ -83,12 +84,8 @@ def find_unreadable(paths: Sequence[str], cache_dir: Optional[str] = None, worke
     bad = {p: r for p, r in zip(paths, reasons) if r is not None}
     if cache_file:
         try:
-            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-            tmp = f"{cache_file}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(bad, f)
-            os.replace(tmp, cache_file)
-        except OSError:
+            write_text(cache_file, json.dumps(bad))
+        except (OSError, TLError):
             pass  # the cache is an optimisation only
     return bad
 
