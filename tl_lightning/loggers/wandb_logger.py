@@ -132,10 +132,10 @@ class WandbLogger(_LightningWandbLogger):
     def release(self, before_step: Optional[int] = None, keep_holding: bool = True) -> None:
         """Send the held rows logged before ``before_step`` (all with None); with ``keep_holding=False`` drop the
         others and send later rows at once."""
-        held, self._held, self._holding = self._held, [], False
+        held, self._held = self._held, []
         for metrics, step in held:
             if before_step is None or (step is not None and step < before_step):
-                self.log_metrics(metrics, step)
+                super().log_metrics(metrics, step)
             elif keep_holding:
                 self._held.append((metrics, step))
         self._holding = keep_holding and not self.live
