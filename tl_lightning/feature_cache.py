@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from tl_lightning.atomic import atomic_open
 from tl_lightning.errors import TLError
+from tl_lightning.rng import generators_kept
 
 
 #: bumped whenever what a cache entry holds, or how its key is made, changes: older entries are never read
@@ -112,9 +113,12 @@ class FeatureCache:
                           "set --model.cache_dir.") from cause
 
     def get_or_compute(self, key: str, compute: Callable[[], dict]) -> dict:
+        """The cached entry, or ``compute()`` stored. The random generators end where they started either way
+        (a loader draws seeds), so a run that extracts draws the same later numbers as one that hit the cache."""
         value = self.load(key)
         if value is None:
-            value = compute()
+            with generators_kept():
+                value = compute()
             self.save(key, value)
         return value
 

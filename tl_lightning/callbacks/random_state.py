@@ -9,36 +9,18 @@ so the checkpoint still loads with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
-import random
-
 import lightning as L
-import numpy as np
-import torch
+
+from tl_lightning.rng import capture_generators, restore_generators
 
 
 class RandomState(L.Callback):
     """Saves Python's, NumPy's and torch's (CPU and CUDA) generator states in the checkpoint; restores them."""
 
     def state_dict(self) -> dict:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state = {
-            "python": random.getstate(),
-            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "torch": torch.get_rng_state(),
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        return capture_generators()
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
             return  # a checkpoint written before the generators were saved: nothing to restore
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss))
-        n = state_dict["numpy"]
-        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-        torch.set_rng_state(state_dict["torch"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        restore_generators(state_dict)
