@@ -158,7 +158,9 @@ def test_full_batch_heads_with_more_features_than_samples_match_scikit_learn():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 500, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (40,), generator=gen)
-    basis = row_space(x)
+    space = row_space(x)
+    basis = space.basis
+    assert torch.allclose(space.coords, x @ basis)
     assert basis.shape == (500, 40) and torch.allclose(basis.T @ basis, torch.eye(40, dtype=torch.float64))
     reg = 1e-2
     ours = fit_logistic(x, y, 3, reg=reg, tol=1e-9, max_iter=2000)
@@ -171,6 +173,12 @@ def test_full_batch_heads_with_more_features_than_samples_match_scikit_learn():
     svm = fit_svm(x, y, 3, C=0.1, tol=1e-9, max_iter=2000)
     ref_svm = LinearSVC(C=0.1, tol=1e-10, max_iter=100000, intercept_scaling=1e3).fit(x.numpy(), y.numpy())
     assert np.abs(svm.logits(x).numpy() - ref_svm.decision_function(x.numpy())).max() < 0.01
+    # linearly dependent rows (repeated images): the basis spans more than the rows, the minimiser is the same
+    x_dup, y_dup = torch.cat([x, x[:10]]), torch.cat([y, y[:10]])
+    assert row_space(x_dup).basis.shape == (500, 50)
+    dup = fit_logistic(x_dup, y_dup, 3, reg=reg, tol=1e-9, max_iter=2000)
+    ref_dup = LogisticRegression(C=1 / (reg * len(x_dup)), tol=1e-10, max_iter=10000).fit(x_dup.numpy(), y_dup.numpy())
+    assert np.abs(dup.logits(x).numpy() - ref_dup.decision_function(x.numpy())).max() < 0.01
 
 
 def test_auto_leaves_the_backbone_bit_identical_and_test_features_equal_a_fresh_extraction(tmp_path):

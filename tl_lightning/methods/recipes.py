@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tl_lightning.errors import TLError
-from tl_lightning.methods.shallow_heads import Sweep, sweep_logistic, sweep_svm
+from tl_lightning.methods.shallow_heads import RowSpace, Sweep, row_space, sweep_logistic, sweep_svm
 
 AUTO = "auto"
 #: the layers of the full-network embedding: every conv layer, as Garcia-Gasulla et al. 2018 pool them
@@ -85,9 +85,9 @@ def embed(raw: torch.Tensor, fne_stats: Optional[tuple[torch.Tensor, torch.Tenso
 
 
 def sweep_head(head: str, x_train, y_train, x_val, y_val, *, num_classes: int, multilabel: bool,
-               reg_grid, c_grid, max_iter: int) -> Sweep:
-    """The head's regularisation sweep: fitted on train, scored on val."""
-    task = dict(num_classes=num_classes, multilabel=multilabel, max_iter=max_iter)
+               reg_grid, c_grid, max_iter: int, space: Optional[RowSpace] = None) -> Sweep:
+    """The head's regularisation sweep: fitted on train, scored on val (``space``: ``row_space(x_train)``)."""
+    task = dict(num_classes=num_classes, multilabel=multilabel, max_iter=max_iter, space=space)
     if head == "svm":
         return sweep_svm(x_train, y_train, x_val, y_val, grid=c_grid, **task)
     return sweep_logistic(x_train, y_train, x_val, y_val, grid=reg_grid, **task)
@@ -110,10 +110,13 @@ def select_recipe(module, dm) -> tuple[Recipe, dict, Sweep]:
             if extractor is not module.extractor:
                 extractor.remove_hooks()
         stats = fne_statistics(train["features"]) if readout == "fne" else None
+        embedded: dict[bool, tuple] = {}  # per L2 flag: the embeddings and their row space, shared by the heads
         for recipe in (r for r in CANDIDATES if r.readout == readout):
-            x_train = embed(train["features"], stats, recipe.l2)
-            x_val = embed(val["features"], stats, recipe.l2)
-            sweep = sweep_head(recipe.head, x_train, train["targets"], x_val, val["targets"], **task)
+            if recipe.l2 not in embedded:
+                x_train = embed(train["features"], stats, recipe.l2)
+                embedded = {recipe.l2: (x_train, embed(val["features"], stats, recipe.l2), row_space(x_train))}
+            x_train, x_val, space = embedded[recipe.l2]
+            sweep = sweep_head(recipe.head, x_train, train["targets"], x_val, val["targets"], space=space, **task)
             rows.append({"recipe": recipe.name, "val_score": sweep.best_score, sweep.param: sweep.best_reg,
                          "feature_dim": int(x_train.shape[1])})
             if best is None or sweep.best_score > best[1].best_score:

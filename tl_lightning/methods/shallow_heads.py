@@ -117,44 +117,55 @@ def _check(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel:
     return x.to(torch.float64)
 
 
-def row_space(x: torch.Tensor) -> Optional[torch.Tensor]:
-    """An orthonormal basis ``[D, r]`` of the span of ``x``'s rows when there are more features than samples.
+@dataclass
+class RowSpace:
+    """An orthonormal ``basis`` ``[D, N]`` of a space holding the span of ``x``'s rows, and ``x``'s coordinates
+    in it, ``coords = x @ basis`` ``[N, N]``."""
 
-    Both heads' optimal weights lie in that span (the data term's gradient does, the L2 penalty is isotropic and
-    the bias is not penalised), so fitting coordinates ``z = x @ basis`` (r <= N unknowns per class instead of
-    D) solves the same problem exactly: ``W = W_z @ basis.T``. With 21,008-d FNE features and a few hundred
-    images this makes each L-BFGS step tens of times cheaper.
+    basis: torch.Tensor
+    coords: torch.Tensor
+
+
+def row_space(x: torch.Tensor) -> Optional[RowSpace]:
+    """``x``'s row space when there are more features than samples (else None).
+
+    Both heads' optimal weights lie in the span of the rows (the data term's gradient does, the L2 penalty is
+    isotropic and the bias is not penalised), so fitting the coordinates (N unknowns per class instead of D)
+    solves the same problem exactly: ``W = W_z @ basis.T``. The basis is the ``Q`` of a reduced QR
+    factorisation ``x.T = Q R`` (so ``coords = R.T``): it spans the rows (and more, when they are linearly
+    dependent, which does not change the minimiser), needs no rank threshold, and costs a tenth of an SVD
+    (1,295 x 21,008 in float64: 3 s against 36 s here). With 21,008-d FNE features and a few hundred images
+    each L-BFGS step becomes tens of times cheaper. A sweep computes it once for all its fits.
     """
     if x.shape[1] <= x.shape[0]:
         return None
-    _, s, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=False)
-    rank = max(1, int((s > s[0] * 1e-10).sum())) if len(s) and s[0] > 0 else 1
-    return vh[:rank].T.contiguous()
+    q, r = torch.linalg.qr(x.to(torch.float64).T, mode="reduced")
+    return RowSpace(q.contiguous(), r.T.contiguous())
 
 
 def _solve(objective_of: Callable, x: torch.Tensor, num_classes: int, init: Optional[LinearFit],
-           basis: Optional[torch.Tensor], max_iter: int, tol: float) -> LinearFit:
+           space: Optional[RowSpace], max_iter: int, tol: float) -> LinearFit:
     """Minimise ``objective_of(z)(w, b)`` over the row space of ``x`` (or all of it when D <= N)."""
-    basis = row_space(x) if basis is None else basis
-    z = x if basis is None else x @ basis.to(x)
+    space = row_space(x) if space is None else space
+    z = x if space is None else space.coords.to(x)
     if init is not None:
         w0, b0 = init.weight.to(torch.float64), init.bias.to(torch.float64)
-        w0 = w0 if basis is None else w0 @ basis.to(w0)  # a warm start from another span: its projection
+        w0 = w0 if space is None else w0 @ space.basis.to(w0)  # a warm start from another span: its projection
     else:
         w0 = torch.zeros(num_classes, z.shape[1], dtype=torch.float64)
         b0 = torch.zeros(num_classes, dtype=torch.float64)
     fit = _lbfgs(objective_of(z), w0, b0, max_iter=max_iter, tol=tol)
-    if basis is not None:
-        fit.weight = fit.weight @ basis.to(fit.weight).T
+    if space is not None:
+        fit.weight = fit.weight @ space.basis.to(fit.weight).T
     return fit
 
 
 def fit_svm(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel: bool = False, C: float = 1.0,
             max_iter: int = 500, tol: float = 1e-5, init: Optional[LinearFit] = None,
-            basis: Optional[torch.Tensor] = None) -> LinearFit:
+            space: Optional[RowSpace] = None) -> LinearFit:
     """One-vs-rest linear SVM, squared hinge (Razavian et al. 2014), LIBLINEAR's primal objective with ``C``.
 
-    ``basis``: ``row_space(x)`` when already computed (a sweep computes it once)."""
+    ``space``: ``row_space(x)`` when already computed (a sweep computes it once)."""
     if C <= 0:
         raise TLError(f"the SVM's C must be positive (got {C}); set --model.svm_c to e.g. 1.0.")
     x = _check(x, targets, num_classes, multilabel)
@@ -168,12 +179,12 @@ def fit_svm(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel
             return (0.5 * (w * w).sum() + C * (mask * margins.square()).sum()) / n
         return objective
 
-    return _solve(objective_of, x, num_classes, init, basis, max_iter, tol)
+    return _solve(objective_of, x, num_classes, init, space, max_iter, tol)
 
 
 def fit_logistic(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multilabel: bool = False,
                  reg: float = 1e-4, max_iter: int = 500, tol: float = 1e-5,
-                 init: Optional[LinearFit] = None, basis: Optional[torch.Tensor] = None) -> LinearFit:
+                 init: Optional[LinearFit] = None, space: Optional[RowSpace] = None) -> LinearFit:
     """L2-regularised logistic regression: ``mean CE + reg/2 ||W||^2`` (multinomial, or one-vs-rest BCE)."""
     if reg < 0:
         raise TLError(f"the logistic regularisation strength must be >= 0 (got {reg}); fix --model.reg_grid.")
@@ -198,21 +209,22 @@ def fit_logistic(x: torch.Tensor, targets: torch.Tensor, num_classes: int, multi
             return data_loss(z @ w.T + b) + 0.5 * reg * (w * w).sum()
         return objective
 
-    return _solve(objective_of, x, num_classes, init, basis, max_iter, tol)
+    return _solve(objective_of, x, num_classes, init, space, max_iter, tol)
 
 
 def sweep_logistic(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
                    num_classes: int, multilabel: bool = False, grid: Sequence[float] = DEFAULT_REG_GRID,
-                   max_iter: int = 500) -> Sweep:
+                   max_iter: int = 500, space: Optional[RowSpace] = None) -> Sweep:
     """Fit one model per strength on train, score each on val, keep the best (Kornblith et al. 2019).
 
     Strengths are visited from strong to weak, each fit warm-started from the previous one (the solutions move
-    smoothly along the path). Ties go to the stronger regularisation.
+    smoothly along the path). Ties go to the stronger regularisation. ``space``: ``row_space(x_train)`` when
+    already computed (the candidates of ``recipe: auto`` share it).
     """
-    basis = row_space(x_train)
+    space = row_space(x_train) if space is None else space
 
     def fit(reg: float, init: Optional[LinearFit]) -> LinearFit:
-        return fit_logistic(x_train, y_train, num_classes, multilabel, reg, max_iter, init=init, basis=basis)
+        return fit_logistic(x_train, y_train, num_classes, multilabel, reg, max_iter, init=init, space=space)
 
     return _sweep(fit, grid, "reg", strong_first=lambda reg: -reg, x_val=x_val, y_val=y_val,
                   num_classes=num_classes, multilabel=multilabel)
@@ -220,13 +232,13 @@ def sweep_logistic(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Te
 
 def sweep_svm(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
               num_classes: int, multilabel: bool = False, grid: Sequence[float] = DEFAULT_C_GRID,
-              max_iter: int = 500) -> Sweep:
+              max_iter: int = 500, space: Optional[RowSpace] = None) -> Sweep:
     """The SVM's C chosen on val like the logistic strength: small C (strong regularisation) first, warm
     started, ties to the smaller C."""
-    basis = row_space(x_train)
+    space = row_space(x_train) if space is None else space
 
     def fit(c: float, init: Optional[LinearFit]) -> LinearFit:
-        return fit_svm(x_train, y_train, num_classes, multilabel, C=c, max_iter=max_iter, init=init, basis=basis)
+        return fit_svm(x_train, y_train, num_classes, multilabel, C=c, max_iter=max_iter, init=init, space=space)
 
     return _sweep(fit, grid, "C", strong_first=lambda c: c, x_val=x_val, y_val=y_val, num_classes=num_classes,
                   multilabel=multilabel)
