@@ -102,9 +102,16 @@ def test_logistic_head_picks_the_best_validation_strength_and_matches_sklearn(lo
 
     # the final model is refitted on train+val with the chosen strength
     x_tv, y_tv = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
-    theirs = accuracy(sklearn_fit(x_tv, y_tv, fit["reg"]).decision_function(x_test), y_test)
+    refitted = sklearn_fit(x_tv, y_tv, fit["reg"])
+    theirs = accuracy(refitted.decision_function(x_test), y_test)
     ours = metrics["metrics"]["test/acc"]
     assert theirs > 0.5 and abs(ours - theirs) <= 0.01, (ours, theirs)
+
+    # val/* stays a held-out number: it is the chosen strength's train-only fit on val (the score the choice was
+    # made on), not the refitted head, which has seen the validation images
+    assert abs(metrics["metrics"]["val/acc"] - fit["val_score"]) < 1e-6, (metrics["metrics"]["val/acc"], fit)
+    seen = accuracy(refitted.decision_function(x_val), y_val)
+    assert seen > fit["val_score"] + 0.02, "the refit must score visibly higher on val, or this proves nothing"
 
 
 # ----- solver-level checks on real data without a backbone (the 64 raw pixels of the digits) ---------------

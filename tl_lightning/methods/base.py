@@ -150,10 +150,11 @@ class TransferModule(L.LightningModule):
             metrics.update(logits, targets)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
 
-    def supervised_step(self, stage: str, batch) -> torch.Tensor:
-        """Forward a labelled ``(x, y)`` batch, log ``<stage>/loss`` and the stage's metrics, return the loss."""
+    def supervised_step(self, stage: str, batch, forward=None) -> torch.Tensor:
+        """Forward a labelled ``(x, y)`` batch (through ``forward``, default the module), log ``<stage>/loss``
+        and the stage's metrics, return the loss."""
         x, y = batch
-        logits = self(x)
+        logits = (forward or self)(x)
         loss = self.loss(logits, y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "train",
                  sync_dist=True)  # the mean over all DDP processes (a no-op on one)

@@ -113,6 +113,9 @@ class FeatureExtraction(CachedFeatures, TransferModule):
         self.head_fit: dict = {}  # how the svm/logistic head was fitted (into metrics.json)
         self.recipe_selection: dict = {}  # recipe=auto: every candidate's val score and the choice
         self._preselected = None  # the chosen candidate's sweep (its train fit seeds the refit)
+        # (weight, bias) of the chosen head fitted on train only: a head refitted on train+val has seen the
+        # validation images, so val/* is measured with this one (the held-out score the choice was made on)
+        self.heldout_head: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         # the shallow heads are fitted in closed loop, not by Lightning's optimizer
         self.automatic_optimization = head == "linear"
         self.backbone_name = backbone
@@ -235,6 +238,7 @@ class FeatureExtraction(CachedFeatures, TransferModule):
                                    c_grid=self.svm_c_grid, max_iter=self.lbfgs_max_iter, **task)
             fit = refit(sweep, torch.cat([x_train, x_val]), torch.cat([y_train, y_val]),
                         max_iter=self.lbfgs_max_iter, **task)
+            self.heldout_head = (sweep.best_fit.weight.float(), sweep.best_fit.bias.float())
             info = {"head": self.head_type, **sweep.as_dict(), "refit_on": "train+val"}
         with torch.no_grad():
             self.head.weight.copy_(fit.weight.to(self.head.weight))
@@ -259,6 +263,8 @@ class FeatureExtraction(CachedFeatures, TransferModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["head_fit"] = self.head_fit
         checkpoint["recipe_selection"] = self.recipe_selection
+        if self.heldout_head is not None:
+            checkpoint["heldout_head"] = {"weight": self.heldout_head[0], "bias": self.heldout_head[1]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # runs before the state dict is loaded: an auto run's head must first take the chosen recipe's shape
@@ -267,6 +273,8 @@ class FeatureExtraction(CachedFeatures, TransferModule):
         if selection.get("chosen") and selection["chosen"] != self.recipe_selection.get("chosen"):
             self.apply_recipe(RECIPES[selection["chosen"]])
         self.recipe_selection = selection or self.recipe_selection
+        heldout = checkpoint.get("heldout_head")
+        self.heldout_head = (heldout["weight"], heldout["bias"]) if heldout else None
 
     # ----- steps --------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Optional[torch.Tensor]:
@@ -278,7 +286,12 @@ class FeatureExtraction(CachedFeatures, TransferModule):
         return self.supervised_step("train", batch)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.supervised_step("val", batch)
+        self.supervised_step("val", batch, forward=self._heldout_forward if self.heldout_head else None)
+
+    def _heldout_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The chosen head as fitted on train only (see ``heldout_head``)."""
+        weight, bias = (t.to(self.head.weight) for t in self.heldout_head)
+        return self.features(x) @ weight.T + bias
 
     def test_step(self, batch, batch_idx: int) -> None:
         self.supervised_step("test", batch)
