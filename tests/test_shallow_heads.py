@@ -112,6 +112,12 @@ def test_logistic_head_picks_the_best_validation_strength_and_matches_sklearn(lo
     assert abs(metrics["metrics"]["val/acc"] - fit["val_score"]) < 1e-6, (metrics["metrics"]["val/acc"], fit)
     seen = accuracy(refitted.decision_function(x_val), y_val)
     assert seen > fit["val_score"] + 0.02, "the refit must score visibly higher on val, or this proves nothing"
+    # the train-only head travels in the checkpoint: validate from it reports the same held-out number
+    ckpt = metrics["best_checkpoint"] or next((logistic_run / "checkpoints").glob("*.ckpt"))
+    validated = logistic_run.parent / (logistic_run.name + "_validate")
+    run_cli("validate", "--config", LOGISTIC_CONFIG, *FAST, *SMALL, f"--model.reg_grid={REG_GRID}",
+            f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={validated}")
+    assert abs(read_metrics(validated)["metrics"]["val/acc"] - fit["val_score"]) < 1e-6
 
 
 # ----- solver-level checks on real data without a backbone (the 64 raw pixels of the digits) ---------------
