@@ -18,6 +18,7 @@ from tl_lightning.backbones import FeatureExtractor, create_backbone
 from tl_lightning.errors import TLError
 from tl_lightning.methods import FeatureExtraction
 from tl_lightning.methods.recipes import CANDIDATES, RECIPES
+from tl_lightning.tta import view_transforms
 
 SVM_CONFIG = REPO / "configs/feature_extraction/svm_quickstart.yaml"
 SMALL = ("--model.backbone=digit_cnn", "--model.weights=none", "--data.image_size=32", "--data.batch_size=256",
@@ -109,6 +110,39 @@ def test_auto_picks_the_only_read_out_that_separates_the_classes(tmp_path, capsy
     with open(run_dir / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(dm.split_dataset("test"))
+
+
+def test_auto_scores_every_candidate_on_the_averaged_tta_views(tmp_path):
+    """Planted views: each view of either read-out alone is noise, but the two views of the FNE read-out average
+    to class centres. Only a selection that reads the averaged views can find the FNE candidates."""
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    model, dm = build(f"--model.cache_dir={cache}", "--model.recipe=auto", "--model.tta_views=2")
+    gen = torch.Generator().manual_seed(0)
+    for readout in ("penultimate", "fne"):
+        extractor = model.readout_extractor(RECIPES[f"{readout}+logistic"].layers)
+        for split in ("train", "val", "test"):
+            base = dm.split_dataset(split, deterministic=True)
+            views = view_transforms(base.transform, 2, flips=getattr(dm, "hflip", 0) > 0, crop=model.tta_crop)
+            first = model.cached_features(split, base.with_transform(views[0]), dm, extractor)
+            targets, dim = first["targets"], first["features"].shape[1]
+            noise = torch.randn(len(targets), dim, generator=gen) * 5
+            centres = torch.randn(10, dim, generator=torch.Generator().manual_seed(1))
+            mean = centres[targets] if readout == "fne" else torch.zeros(len(targets), dim)
+            for view, features in zip(views, (mean + noise, mean - noise)):  # the views average to ``mean``
+                dataset = base.with_transform(view)
+                model.feature_cache.save(model.feature_key(dataset, extractor), {"features": features,
+                                                                                 "targets": targets})
+        if extractor is not model.extractor:
+            extractor.remove_hooks()
+    run_cli("fit", "--config", SVM_CONFIG, *FAST, *SMALL, f"--model.cache_dir={cache}", "--model.recipe=auto",
+            "--model.tta_views=2", f"--trainer.default_root_dir={run_dir}")
+    metrics = read_metrics(run_dir)
+    selection = metrics["recipe_selection"]
+    scores = {c["recipe"]: c["val_score"] for c in selection["candidates"]}
+    assert selection["tta_views"] == 2 and selection["chosen"].startswith("fne")
+    assert min(s for r, s in scores.items() if r.startswith("fne") and "svm" not in r) > 0.9
+    assert max(s for r, s in scores.items() if r.startswith("penultimate")) < 0.3, "noise read-out: chance"
+    assert metrics["metrics"]["test/acc"] > 0.9 and metrics["head_fit"]["tta_views"] == 2
 
 
 def test_pinned_recipe_sweeps_the_svm_c_and_refits_on_train_and_val(tmp_path):
