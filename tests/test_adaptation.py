@@ -372,6 +372,40 @@ def test_domain_batchnorm_warm_starts_from_a_plain_source_checkpoint(tmp_path):
     assert torch.allclose(seen["target"], source.features.conv1[1].running_mean)
 
 
+def test_self_teacher_reads_the_source_with_source_statistics_and_seeds_the_target_after_pretraining(tmp_path):
+    """Soft labels from the model itself (no source_checkpoint) under domain_batchnorm: the teacher must normalise
+    source images with the source statistics it was pre-trained with, and the target statistics must start from
+    those pre-trained statistics, not from BatchNorm's defaults (running mean 0, never updated)."""
+    L.seed_everything(0)
+    dm = _pair(3, source_per_class=5, batch_size=16, epoch=1)
+    model = DomainAdaptation(backbone="digit_cnn", confusion="uniform", domain_batchnorm=True, num_classes=10,
+                             soft_label_weight=0.1, source_pretrain_epochs=2, temperature=2.0)
+    seen = {}
+
+    class BeforeTheFirstAdaptationStep(L.Callback):  # runs after the module's source stage (on_train_start)
+        def on_train_epoch_start(self, trainer, pl_module):
+            bn = pl_module.features.conv1[1]
+            seen["stats"] = [t.clone() for t in (bn.running_mean, bn.target_running_mean,
+                                                 bn.num_batches_tracked, bn.target_num_batches_tracked)]
+            pl_module.eval()
+            logits, targets = [], []
+            with torch.no_grad():
+                for x, y in dm.source_loader(train=False):
+                    logits.append(pl_module(x, 0))  # domain 0: the source, with the source statistics
+                    targets.append(y)
+            pl_module.train()
+            seen["expected"] = class_soft_labels(torch.cat(logits), torch.cat(targets), 10, 2.0)
+            seen["soft_labels"] = pl_module.soft_labels.clone()
+
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+              callbacks=[BeforeTheFirstAdaptationStep()]).fit(model, dm)
+    source_mean, target_mean, source_seen, target_seen = seen["stats"]
+    assert int(source_seen) > 0 and source_mean.abs().sum() > 0, "the source stage must have run"
+    assert int(target_seen) == int(source_seen) and torch.equal(target_mean, source_mean)
+    assert torch.allclose(seen["soft_labels"], seen["expected"], atol=1e-5)
+
+
 def test_dann_batchnorm_overlay_fits_on_the_offline_pair(tmp_path):
     """configs/adaptation/dann_batchnorm.yaml layered on a pair config: unsupervised DANN, digit_cnn, two sets of
     BatchNorm statistics in the checkpoint."""

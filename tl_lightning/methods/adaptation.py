@@ -199,11 +199,11 @@ class DomainAdaptation(TransferModule):
         if teacher is not self and self.init_from_source:
             self.features.load_state_dict(teacher[0].state_dict())
             self.classifier.load_state_dict(teacher[1].state_dict())
-        if self.domain_batchnorm:
-            seed_target_statistics(self.features)  # a warm start: the target starts from the source statistics
         if self.mode != "target_only":
             for _ in range(self.source_pretrain_epochs):
                 self._pretrain_epoch()
+        if self.domain_batchnorm:  # after the source stage: the target starts from the trained source statistics
+            seed_target_statistics(self.features)
         if self.uses_soft_labels:
             self.soft_labels.copy_(self._source_soft_labels(teacher))
         self.source_stage_done.fill_(True)
@@ -260,12 +260,14 @@ class DomainAdaptation(TransferModule):
 
     @torch.no_grad()
     def _source_soft_labels(self, teacher: nn.Module) -> torch.Tensor:
-        """Per-class mean softmax at τ of ``teacher`` over the source training examples."""
+        """Per-class mean softmax at τ of ``teacher`` over the source training examples, read as source images
+        (this model as its own teacher normalises them with the source statistics under ``domain_batchnorm``)."""
         was_training = teacher.training
         teacher.eval()
+        read = (lambda x: self(x, SOURCE)) if teacher is self else teacher
         logits, targets = [], []
         for x, y in self._pair().source_loader(train=False):
-            logits.append(teacher(x.to(self.device)).float().cpu())
+            logits.append(read(x.to(self.device)).float().cpu())
             targets.append(y)
         teacher.train(was_training)
         return class_soft_labels(torch.cat(logits), torch.cat(targets), self.num_classes,
