@@ -46,3 +46,26 @@ def test_history_matches_lightnings_metrics_csv_epoch_by_epoch(tmp_path):
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("ResultsWriter"))
     assert saved["epoch"] == 2 and len(state["history"]) == 3
     assert state["history"][-1]["train/loss"] == pytest.approx(history[-1]["train/loss"])
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_history_row_and_last_ckpt_streams_each_epoch_once_after_the_resume(tmp_path):
+    """A real SIGKILL at the end of epoch 2, after history.jsonl got its row and before last.ckpt (end of
+    epoch 1) was replaced: the resumed run trains epoch 2 again and must not leave its row twice."""
+    from fault_helpers import QUICK, cli
+
+    run = tmp_path / "run"
+    common = ("fit", *QUICK, "--trainer.limit_train_batches=3", "--test_after_fit=false", "--trainer.max_epochs=4",
+              f"--trainer.default_root_dir={run}", "--trainer.callbacks+=tl_lightning.callbacks.history.HistoryStream")
+    killed = cli(*common, "--trainer.callbacks+=tests.helpers.signal_at.SignalAt", "--trainer.callbacks.epoch=2",
+                 "--trainer.callbacks.batch=0", "--trainer.callbacks.stage=epoch_end", "--trainer.callbacks.signum=9")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    streamed = [json.loads(line)["epoch"] for line in (run / "history.jsonl").read_text().splitlines()]
+    assert streamed == [0, 1, 2], "the fault must land after epoch 2's row"
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 1, "and before its last.ckpt"
+    resumed = cli(*common, f"--ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in read_metrics(run)["history"]]

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from tl_lightning.atomic import write_text
-from tl_lightning.callbacks.history import HISTORY_FILE, read_history
+from tl_lightning.callbacks.history import read_history, trim_history
 from tl_lightning.errors import TLError
 
 HISTORY_CALLBACK = "--trainer.callbacks+=tl_lightning.callbacks.history.HistoryStream"
@@ -204,10 +204,3 @@ def checkpoint_step(path: str) -> int:
     import torch
 
     return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
-
-
-def trim_history(run_dir: str, step: int) -> None:
-    """Drop the streamed epochs after ``step`` (the resumed trial streams them again)."""
-    rows = [r for r in read_history(run_dir) if int(r.get("step", 0)) <= step]
-    if os.path.exists(os.path.join(run_dir, HISTORY_FILE)):
-        write_text(os.path.join(run_dir, HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in rows))
