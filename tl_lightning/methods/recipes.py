@@ -110,17 +110,16 @@ def select_recipe(module, dm) -> tuple[Recipe, dict, Sweep]:
             if extractor is not module.extractor:
                 extractor.remove_hooks()
         stats = fne_statistics(train["features"]) if readout == "fne" else None
-        embedded: dict[bool, tuple] = {}  # per L2 flag: the embeddings and their row space, shared by the heads
-        for recipe in (r for r in CANDIDATES if r.readout == readout):
-            if recipe.l2 not in embedded:
-                x_train = embed(train["features"], stats, recipe.l2)
-                embedded = {recipe.l2: (x_train, embed(val["features"], stats, recipe.l2), row_space(x_train))}
-            x_train, x_val, space = embedded[recipe.l2]
-            sweep = sweep_head(recipe.head, x_train, train["targets"], x_val, val["targets"], space=space, **task)
-            rows.append({"recipe": recipe.name, "val_score": sweep.best_score, sweep.param: sweep.best_reg,
-                         "feature_dim": int(x_train.shape[1])})
-            if best is None or sweep.best_score > best[1].best_score:
-                best = (recipe, sweep)
+        for l2 in (False, True):  # one embedding and row space per L2 flag, shared by its heads
+            x_train, x_val = embed(train["features"], stats, l2), embed(val["features"], stats, l2)
+            space = row_space(x_train)
+            for recipe in (r for r in CANDIDATES if r.readout == readout and r.l2 == l2):
+                sweep = sweep_head(recipe.head, x_train, train["targets"], x_val, val["targets"], space=space,
+                                   **task)
+                rows.append({"recipe": recipe.name, "val_score": sweep.best_score, sweep.param: sweep.best_reg,
+                             "feature_dim": int(x_train.shape[1])})
+                if best is None or sweep.best_score > best[1].best_score:
+                    best = (recipe, sweep)
     recipe, sweep = best  # type: ignore[misc]
     selection = {"chosen": recipe.name, "metric": "val/mAP" if module.multilabel else "val/acc",
                  "val_score": sweep.best_score, "candidates": rows, "tta_views": module.tta_views,
