@@ -9,6 +9,7 @@ Tasks" (ICCV 2015): the domain-confusion loss (cross-entropy of the domain class
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +17,30 @@ import torch.nn.functional as F
 from tl_lightning.errors import TLError
 
 
-def confusion_loss(domain_logits: torch.Tensor) -> torch.Tensor:
+def confusion_loss(domain_logits: torch.Tensor, domains: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cross-entropy between the domain classifier's softmax and the uniform distribution over its D domains,
-    ``-1/D Σ_d log q_d`` averaged over the batch (Tzeng et al. 2015, eq. 3); equals ``log D`` at uniform q."""
-    return -F.log_softmax(domain_logits, dim=-1).mean(dim=-1).mean()
+    ``-1/D Σ_d log q_d`` (Tzeng et al. 2015, eq. 3); equals ``log D`` at uniform q. Averaged over the batch, or,
+    given the samples' ``domains``, with each domain weighted 1/D (``domain_balanced_mean``)."""
+    per_sample = -F.log_softmax(domain_logits, dim=-1).mean(dim=-1)
+    if domains is None:
+        return per_sample.mean()
+    return domain_balanced_mean(per_sample, domains, domain_logits.shape[-1])
+
+
+def domain_balanced_mean(per_sample: torch.Tensor, domains: torch.Tensor, num_domains: int = 2) -> torch.Tensor:
+    """Mean of per-sample losses in which every domain present weighs the same (``1/D``), whatever its share of
+    the batch: with k labelled targets per class the target half of a step outnumbers the source, and a plain
+    mean would let the domain classifier win by predicting "target"."""
+    counts = torch.bincount(domains, minlength=num_domains).to(per_sample)
+    present = counts > 0
+    weights = torch.where(present, 1.0 / (counts.clamp(min=1) * present.sum()), counts)
+    return (per_sample * weights[domains]).sum()
+
+
+def domain_loss(domain_logits: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+    """L_D: the domain classifier's cross-entropy, each domain weighted 1/D (``domain_balanced_mean``)."""
+    return domain_balanced_mean(F.cross_entropy(domain_logits, domains, reduction="none"), domains,
+                                domain_logits.shape[-1])
 
 
 def soft_label_loss(logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

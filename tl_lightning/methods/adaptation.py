@@ -44,8 +44,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from tl_lightning.backbones import create_backbone
 from tl_lightning.data.domains import EVAL_DOMAINS, DomainPairDataModule
 from tl_lightning.errors import TLError
-from tl_lightning.losses import class_soft_labels, confusion_loss, dann_lambda, grad_reverse, soft_label_loss
+from tl_lightning.losses import (class_soft_labels, confusion_loss, dann_lambda, domain_loss, grad_reverse,
+                                 soft_label_loss)
 from tl_lightning.methods.base import TransferModule, build_metrics, make_head, task_loss
+from tl_lightning.methods.dev_risk import density_ratios, dev_risk
 from tl_lightning.methods.domain_statistics import (TARGET_PREFIX, add_target_statistics, seed_target_statistics,
                                                     target_statistics)
 
@@ -71,6 +73,8 @@ class DomainAdaptation(TransferModule):
         init_from_source: bool = True,
         source_pretrain_epochs: int = 0,
         domain_hidden_dim: int = 100,
+        domain_input: Literal["embedding", "conv"] = "embedding",
+        selection: Literal["auto", "dev", "target_acc"] = "auto",
         domain_lr: Optional[float] = None,
         hidden_dim: int = 0,
         dropout: float = 0.0,
@@ -96,6 +100,15 @@ class DomainAdaptation(TransferModule):
             init_from_source: start the network from ``source_checkpoint``'s weights (warm start).
             source_pretrain_epochs: epochs of source-only training before adaptation (and before soft labels).
             domain_hidden_dim: hidden width of the domain classifier (0 = linear).
+            domain_input: what the domain classifier reads: ``embedding`` (the backbone's pooled output, which
+                the classifier reads too) or ``conv`` (the flattened output of ``forward_features``, the last
+                conv block; the classifier then reads ``forward_head(pre_logits=True)``). ``conv`` with
+                ``digit_cnn_dann`` is DANN's network as published: the reversed gradient reaches the conv layers
+                only, and the label predictor keeps fc100-fc100-fc10 to itself.
+            selection: the metric of the best checkpoint: ``target_acc`` (needs target validation labels),
+                ``dev`` (DEV, You et al. 2019: label-free, from source validation losses and unlabelled target
+                images; ``val/dev_risk``, lower is better) or ``auto`` (``dev`` when the target has no labelled
+                samples, k = 0, else ``target_acc``).
             domain_lr: learning rate of the domain classifier; default ``lr``.
             hidden_dim: 0 for a linear classifier, else the hidden width of an MLP classifier.
             dropout: dropout before the classifier's output layer.
@@ -104,6 +117,8 @@ class DomainAdaptation(TransferModule):
         self.automatic_optimization = False
         if temperature <= 0:
             raise TLError("temperature must be > 0; fix --model.init_args.temperature.")
+        if selection == "dev" and self.multilabel:
+            raise TLError("selection: dev needs single-label classes; use selection: target_acc for a multi-label task.")
         if soft_label_weight > 0 and self.multilabel:
             raise TLError("soft labels need single-label classes; set soft_label_weight: 0 for a multi-label task.")
         self.backbone_name = backbone
@@ -125,7 +140,11 @@ class DomainAdaptation(TransferModule):
             raise TLError(f"domain_batchnorm needs BatchNorm layers and backbone '{backbone}' has none; use a "
                           "backbone with BatchNorm (e.g. digit_cnn) or set domain_batchnorm: false.")
         self.classifier = make_head(feature_dim, self.num_classes, hidden_dim, dropout)
-        self.domain_classifier = make_head(feature_dim, 2, domain_hidden_dim)
+        self.domain_input = domain_input
+        self.domain_dim = feature_dim if domain_input == "embedding" else self._conv_dim()
+        self.domain_classifier = make_head(self.domain_dim, 2, domain_hidden_dim)
+        self.selection = selection
+        self._dev_parts: dict[str, list[torch.Tensor]] = {}
         self.register_buffer("soft_labels", torch.full((self.num_classes, self.num_classes), 1.0 / self.num_classes))
         # set once the source stage (pre-training, soft labels) is done; saved in checkpoints, so resumes skip it
         self.register_buffer("source_stage_done", torch.tensor(False))
@@ -138,17 +157,51 @@ class DomainAdaptation(TransferModule):
         self.pretrain_history: list[float] = []
 
     # ----- network -------------------------------------------------------------------------------------------
-    def embed(self, x: torch.Tensor, domain: int = TARGET) -> torch.Tensor:
-        """Features of images from ``domain`` (normalised with that domain's statistics under ``domain_batchnorm``)."""
+    def _conv_dim(self) -> int:
+        """Width of the flattened conv features at the backbone's configured input size."""
+        size = self.features.pretrained_cfg.get("input_size", (3, 224, 224))
+        was_training = self.features.training
+        self.features.eval()
+        with torch.no_grad():
+            dim = self.features.forward_features(torch.zeros(1, *size)).flatten(1).shape[1]
+        self.features.train(was_training)
+        return dim
+
+    def trunk(self, x: torch.Tensor, domain: int = TARGET) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the domain classifier reads, what the classifier reads) for images from ``domain``, normalised
+        with that domain's statistics under ``domain_batchnorm``; the same tensor unless ``domain_input: conv``."""
         with target_statistics(self.features, active=self.domain_batchnorm and domain == TARGET):
-            return self.features(x)
+            if self.domain_input == "embedding":
+                features = self.features(x)
+                return features, features
+            conv = self.features.forward_features(x)
+            flat = conv.flatten(1)
+            if flat.shape[1] != self.domain_dim:
+                raise TLError(f"domain_input: conv gives {flat.shape[1]} features at this image size, and the "
+                              f"domain classifier was built for {self.domain_dim}; use the backbone's input size "
+                              "or domain_input: embedding.")
+            return flat, self.features.forward_head(conv, pre_logits=True)
+
+    def embed(self, x: torch.Tensor, domain: int = TARGET) -> torch.Tensor:
+        """What the classifier reads for images from ``domain``."""
+        return self.trunk(x, domain)[1]
 
     def forward(self, x: torch.Tensor, domain: int = TARGET) -> torch.Tensor:
         """Logits; predictions are for the target domain."""
         return self.classifier(self.embed(x, domain))
 
     @property
+    def selects_by_dev(self) -> bool:
+        """Whether the best checkpoint follows ``val/dev_risk`` (``selection``; ``auto``: when k = 0)."""
+        if self.selection != "auto":
+            return self.selection == "dev"
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return not self.multilabel and isinstance(dm, DomainPairDataModule) and dm.labelled_per_class == 0
+
+    @property
     def monitor(self) -> tuple[str, str]:
+        if self.selects_by_dev:
+            return "val/dev_risk", "min"
         return ("val/target_mAP", "max") if self.multilabel else ("val/target_acc", "max")
 
     def model_parameters(self) -> list[nn.Parameter]:
@@ -314,10 +367,11 @@ class DomainAdaptation(TransferModule):
         x_u = batch["target_unlabelled"]
         n_s, n_l = len(x_s), len(x_l)
         if self.domain_batchnorm:  # each domain normalised with its own batch statistics
-            features = torch.cat([self.embed(x_s, SOURCE), self.embed(torch.cat([x_l, x_u]), TARGET)])
+            parts = [self.trunk(x_s, SOURCE), self.trunk(torch.cat([x_l, x_u]), TARGET)]
+            features, label_features = (torch.cat(pair) for pair in zip(*parts))
         else:
-            features = self.features(torch.cat([x_s, x_l, x_u]))
-        logits = self.classifier(features[: n_s + n_l])
+            features, label_features = self.trunk(torch.cat([x_s, x_l, x_u]))
+        logits = self.classifier(label_features[: n_s + n_l])
         y = torch.cat([y_s, y_l])
         loss_cls = self.loss(logits, y)
         domains = torch.cat([torch.full((n_s,), SOURCE), torch.full((len(features) - n_s,), TARGET)]).to(self.device)
@@ -327,16 +381,16 @@ class DomainAdaptation(TransferModule):
         if self.confusion == "gradient_reversal":
             # DANN: one backward trains the domain classifier on L_D and the features against it
             domain_logits = self.domain_classifier(grad_reverse(features, weight))
-            loss_domain = F.cross_entropy(domain_logits, domains)
+            loss_domain = domain_loss(domain_logits, domains)
             loss = loss + loss_domain
         else:
             # L_D step on detached features: only the domain classifier moves
             domain_logits = self.domain_classifier(features.detach())
-            loss_domain = F.cross_entropy(domain_logits, domains)
+            loss_domain = domain_loss(domain_logits, domains)
             self._step(domain_opt, loss_domain)
             if self.confusion == "uniform":
                 self.toggle_optimizer(model_opt)  # the domain classifier is fixed during the confusion step
-                loss_conf = confusion_loss(self.domain_classifier(features))
+                loss_conf = confusion_loss(self.domain_classifier(features), domains)
                 self.untoggle_optimizer(model_opt)
                 loss = loss + weight * loss_conf
                 self._log("loss_conf", loss_conf, len(features))
@@ -384,10 +438,15 @@ class DomainAdaptation(TransferModule):
         domain = EVAL_DOMAINS[dataloader_idx]
         x, y = batch
         label = SOURCE if domain == "source" else TARGET
-        features = self.embed(x, label)
-        logits = self.classifier(features)
+        features, label_features = self.trunk(x, label)
+        logits = self.classifier(label_features)
         self.log(f"{stage}/{domain}_loss", task_loss(logits, y, self.multilabel), on_epoch=True,
                  add_dataloader_idx=False, batch_size=len(y), sync_dist=True)
+        if stage == "val" and not self.multilabel:  # DEV reads target images, never their labels
+            self._dev_parts.setdefault(f"{domain}_features", []).append(label_features.detach().float())
+            if domain == "source":
+                self._dev_parts.setdefault("source_losses", []).append(
+                    F.cross_entropy(logits.detach().float(), y, reduction="none"))
         metrics = self.eval_metrics[f"{stage}_{domain}"]
         metrics.update(logits, y.long() if self.multilabel else y)
         self.log_dict(metrics, on_epoch=True, add_dataloader_idx=False, prog_bar=domain == "target")
@@ -402,8 +461,18 @@ class DomainAdaptation(TransferModule):
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
 
+    def on_validation_epoch_start(self) -> None:
+        self._dev_parts = {}
+
     def on_validation_epoch_end(self) -> None:
         self._log_domain_acc("val")
+        parts = {name: torch.cat(chunks) for name, chunks in self._dev_parts.items()}
+        self._dev_parts = {}
+        if len(parts) == 3:
+            if self.trainer.world_size > 1:  # every rank scores its shard; the estimate needs them all
+                parts = {name: self.all_gather(t).flatten(0, 1) for name, t in parts.items()}
+            weights = density_ratios(parts["source_features"].cpu(), parts["target_features"].cpu())
+            self.log("val/dev_risk", dev_risk(parts["source_losses"].cpu(), weights))
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch, dataloader_idx)

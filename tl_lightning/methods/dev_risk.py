@@ -1,0 +1,54 @@
+"""Model selection without target labels: Deep Embedded Validation (DEV; You, Wang, Chen, Long & Wang,
+"Towards Accurate Model Selection in Deep Unsupervised Domain Adaptation", ICML 2019).
+
+The target risk of a model equals its source risk reweighted by the density ratio ``w(x) = p_t(x) / p_s(x)``
+in the model's feature space (importance-weighted validation, Sugiyama et al., JMLR 2007). DEV estimates ``w``
+with a domain discriminator, ``w(x) = n_s/n_t · p(target|x) / p(source|x)``, applies it to the per-sample losses
+of the *source validation* split, and removes most of the estimator's variance with ``w`` as a control variate
+(its expectation is 1):
+
+    L_i = w_i ℓ_i,   η = -Cov(L, w) / Var(w),   DEV risk = mean(L) + η · mean(w) - η.
+
+Lower is better. Only source labels and unlabelled target images are read. Here the discriminator is an
+L2-regularised logistic regression on standardised features (``fit_logistic``), cross-fitted over ``folds``
+folds so that no source sample is weighted by a discriminator that saw it.
+"""
+from __future__ import annotations
+
+import torch
+
+from tl_lightning.errors import TLError
+from tl_lightning.methods.shallow_heads import fit_logistic
+
+
+def density_ratios(source: torch.Tensor, target: torch.Tensor, folds: int = 2, reg: float = 1e-3,
+                   seed: int = 0) -> torch.Tensor:
+    """``w(x) = n_s/n_t · p(target|x) / p(source|x)`` for every row of ``source`` (features ``[N_s, D]``), from
+    a discriminator between ``source`` and ``target`` (``[N_t, D]``) fitted on the other folds of both."""
+    if len(source) < folds or len(target) < folds:
+        raise TLError(f"DEV needs at least {folds} source and {folds} target validation samples (got {len(source)} "
+                      f"and {len(target)}); give the validation splits more samples.")
+    x = torch.cat([source, target]).double()
+    x = (x - x.mean(0)) / x.std(0).clamp(min=1e-8)
+    domains = torch.cat([torch.zeros(len(source)), torch.ones(len(target))]).long()
+    generator = torch.Generator().manual_seed(seed)
+    fold = torch.cat([torch.randperm(len(source), generator=generator) % folds,
+                      torch.randperm(len(target), generator=generator) % folds])
+    log_odds = torch.empty(len(source), dtype=torch.float64)
+    for f in range(folds):
+        held = fold == f
+        fit = fit_logistic(x[~held], domains[~held], 2, reg=reg)
+        logits = fit.logits(x[held][domains[held] == 0])
+        # the fold's prior n_t/n_s is in the logits: p(t|x)/p(s|x) = prior · p_t(x)/p_s(x)
+        prior = (domains[~held] == 1).sum() / (domains[~held] == 0).sum()
+        log_odds[held[: len(source)]] = (logits[:, 1] - logits[:, 0]) - prior.log()
+    return log_odds.exp()
+
+
+def dev_risk(losses: torch.Tensor, weights: torch.Tensor) -> float:
+    """DEV's control-variate estimate of the target risk from per-sample source losses and density ratios."""
+    weighted = weights.double() * losses.double()
+    w = weights.double()
+    variance = ((w - w.mean()) ** 2).mean()
+    eta = -((weighted - weighted.mean()) * (w - w.mean())).mean() / variance if variance > 0 else 0.0
+    return float(weighted.mean() + eta * w.mean() - eta)
