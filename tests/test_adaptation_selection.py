@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import FAST, run_cli
+from tl_lightning.errors import TLError
 from tl_lightning.losses import confusion_loss, domain_balanced_mean, domain_loss, grad_reverse
 from tl_lightning.methods.adaptation import DomainAdaptation
 from tl_lightning.methods.dev_risk import density_ratios, dev_risk
@@ -127,3 +128,11 @@ def test_unsupervised_runs_select_by_dev_and_semi_supervised_ones_by_target_accu
     _, ckpt = _fit(tmp_path / "oracle", "--data.init_args.labelled_per_class=0",
                    "--model.init_args.soft_label_weight=0", "--model.init_args.selection=target_acc")
     assert _best_checkpoint(ckpt)["monitor"] == "val/target_acc"
+
+
+@pytest.mark.parametrize("mode", ["source_only", "target_only"])
+def test_per_domain_batchnorm_is_refused_for_a_one_domain_baseline(mode):
+    """A baseline trains on one domain: the other's BatchNorm statistics would stay at their initial values and
+    every score on that domain would be silently wrong."""
+    with pytest.raises(TLError, match="domain_batchnorm keeps one set"):
+        DomainAdaptation(backbone="digit_cnn", mode=mode, domain_batchnorm=True, num_classes=10)

@@ -117,6 +117,10 @@ class DomainAdaptation(TransferModule):
         self.automatic_optimization = False
         if temperature <= 0:
             raise TLError("temperature must be > 0; fix --model.init_args.temperature.")
+        if domain_batchnorm and mode != "adapt":
+            raise TLError(f"domain_batchnorm keeps one set of BatchNorm statistics per domain, and mode {mode} "
+                          "trains on one domain only, so the other's would never be estimated; set "
+                          "domain_batchnorm: false for the baselines.")
         if selection == "dev" and self.multilabel:
             raise TLError("selection: dev needs single-label classes; use selection: target_acc for a multi-label task.")
         if soft_label_weight > 0 and self.multilabel:
