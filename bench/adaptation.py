@@ -112,13 +112,24 @@ def _run(cmd: list[str], log: Path, threads: int) -> None:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
 
 
+def run_dir_of(row: Row, seed: int, args) -> Path:
+    return Path(args.workdir) / row.slug / f"seed{seed}"
+
+
+def finished(row: Row, seed: int, args) -> Optional[dict]:
+    """The result of an earlier run of exactly this command, if it finished."""
+    run_dir = run_dir_of(row, seed, args)
+    recorded = run_dir / "bench_command.json"
+    if recorded.exists() and json.loads(recorded.read_text()) == fit_command(row, seed, run_dir, args.quick)[1:]:
+        return json.loads((run_dir / "bench_result.json").read_text())
+    return None
+
+
 def run_one(row: Row, seed: int, args) -> dict:
     """One (row, seed): fit + test through the CLI, plus the oracle's test for a label-free row; its result."""
-    run_dir = Path(args.workdir) / row.slug / f"seed{seed}"
+    run_dir = run_dir_of(row, seed, args)
     fit = fit_command(row, seed, run_dir, args.quick)
     recorded = run_dir / "bench_command.json"
-    if args.resume and recorded.exists() and json.loads(recorded.read_text()) == fit[1:]:
-        return json.loads((run_dir / "bench_result.json").read_text())
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -215,17 +226,28 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workdir", default=os.path.join(default_cache_dir(), "bench_adaptation_cli"),
                         help="one folder per run (kept for --resume)")
-    parser.add_argument("--resume", action="store_true", help="keep the finished runs whose command is unchanged")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished runs whose command is unchanged (all rows), run the rest")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
-    all_rows = [r for r in rows() if args.rows is None or any(s in r.name for s in args.rows)]
+    all_rows = rows()
+    tasks = []
+    for seed in args.seeds:  # every row's finished runs are kept (--resume); the selected rows' others run
+        for row in all_rows:
+            done = finished(row, seed, args) if args.resume else None
+            if done is not None:
+                row.runs.append(done)
+            elif args.rows is None or any(s in row.name for s in args.rows):
+                tasks.append((row, seed))
     started = time.perf_counter()
-    tasks = [(row, seed) for seed in args.seeds for row in all_rows]
     with ThreadPoolExecutor(args.jobs) as pool:  # each task is one CLI process (or two) at a time
         for (row, _), result in zip(tasks, pool.map(lambda t: run_one(*t, args), tasks)):
             row.runs.append(result)
-            write_results(all_rows, args, time.perf_counter() - started)
+            write_results([r for r in all_rows if r.runs], args, time.perf_counter() - started)
+    all_rows = [row for row in all_rows if row.runs]
+    for row in all_rows:
+        row.runs.sort(key=lambda r: r["seed"])
     path = write_results(all_rows, args, time.perf_counter() - started)
     print(path.read_text())
 

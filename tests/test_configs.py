@@ -14,6 +14,9 @@ CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.y
 #: overlays and the config each is documented with
 OVERLAYS = {
     "configs/adaptation/dann_batchnorm.yaml": "configs/adaptation/mnist_to_mnistm.yaml",
+    "configs/adaptation/dann_published.yaml": "configs/adaptation/mnist_to_mnistm.yaml",
+    "configs/adaptation/source_only.yaml": "configs/adaptation/mnist_to_mnistm.yaml",
+    "configs/adaptation/target_only.yaml": "configs/adaptation/mnist_to_mnistm.yaml",
     "configs/logger/wandb.yaml": "configs/quickstart.yaml",
 }
 

@@ -19,16 +19,6 @@ from tl_lightning.errors import DatasetNotFoundError, TLError
 SMALL = dict(image_size=32, batch_size=4, num_workers=0)
 
 
-@pytest.fixture
-def md5_check_off(monkeypatch):
-    """torchvision checks SVHN's and Flowers102's .mat files against the official MD5s; fixtures can't match."""
-    import torchvision.datasets.flowers102 as flowers
-    import torchvision.datasets.svhn as svhn
-
-    monkeypatch.setattr(svhn, "check_integrity", lambda *a, **k: True)
-    monkeypatch.setattr(flowers, "check_integrity", lambda *a, **k: True)
-
-
 def first_batch(dm, split="train"):
     loader = {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
     return next(iter(loader))
