@@ -154,7 +154,9 @@ def run_one(row: Row, seed: int, args) -> dict:
 
 def mean_std(values) -> str:
     v = 100 * np.asarray([x for x in values if x is not None], dtype=float)
-    return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}" if len(v) else "-"
+    if len(v) < 2:  # one seed: no spread to show
+        return f"{v[0]:.1f}" if len(v) else "-"
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
 
 
 def write_results(all_rows: list[Row], args, wall_s: float) -> Path:
