@@ -14,8 +14,9 @@ rows (k = 0) the one with the lowest DEV risk (``val/dev_risk``: source validati
 images only). For the unsupervised rows the bench also keeps the checkpoint an oracle would choose
 (``val/target_acc``) and tests it, so the table shows the label-free choice beside the oracle's.
 
-Each run has its own folder under ``--workdir`` with the command it ran (``bench_command.json``); ``--resume``
-keeps a finished run whose command is unchanged. Writes ``bench/results/adaptation.{md,json,png}``
+Each run has its own folder under ``--workdir`` with the command it ran (``bench_command.json``) and the
+configuration it resolved to (the CLI's ``config.yaml``); ``--resume`` keeps a finished run whose resolved
+configuration equals the row's now (``--print_config``), so an edited config file is never served stale. Writes ``bench/results/adaptation.{md,json,png}``
 (``adaptation_quick.*`` with ``--quick``: one seed, a few batches, a smoke run).
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import yaml
 
 from tl_lightning.data.base import default_cache_dir
 
@@ -63,7 +65,8 @@ class Row:
 
 
 def rows() -> list[Row]:
-    k0 = ["--data.init_args.labelled_per_class=0", "--model.init_args.soft_label_weight=0"]
+    k0 = ["--data.init_args.labelled_per_class=0", "--model.init_args.soft_label_weight=0",
+          "--model.init_args.confusion=uniform", "--model.init_args.lambda_schedule=false"]
     return [
         Row("source-only", ["configs/adaptation/source_only.yaml"], labelled="0", published=57.5),
         Row("DANN, published network", ["configs/adaptation/dann_published.yaml"], labelled="0", published=81.5),
@@ -94,12 +97,27 @@ def fit_command(row: Row, seed: int, run_dir: Path, quick: bool) -> list[str]:
     return cmd
 
 
-def test_command(fit: list[str], run_dir: Path) -> list[str]:
-    """The CLI's ``test`` of the oracle's checkpoint, with the fit's configuration, in a folder of its own."""
+def test_command(fit: list[str], ckpt: Path, out_dir: Path) -> list[str]:
+    """The CLI's ``test`` of ``ckpt``, with the fit's configuration, in a folder of its own."""
     args = [a for a in fit[4:] if not a.startswith(("--trainer.callbacks", "--trainer.default_root_dir",
                                                     "--trainer.max_epochs", "--trainer.limit_train"))]
-    return [*fit[:3], "test", *args, f"--ckpt_path={run_dir / ORACLE / (ORACLE + '.ckpt')}",
-            f"--trainer.default_root_dir={run_dir / (ORACLE + '_test')}"]
+    return [*fit[:3], "test", *args, f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={out_dir}"]
+
+
+def test_label_free(fit: list[str], run_dir: Path, log: Path, threads: int) -> dict:
+    """A label-free row's two checkpoints, each tested on its own by path: the run's own choice (DEV, the one
+    ``best-*.ckpt`` of ``checkpoints/``) and the oracle's (``val/target_acc``)."""
+    own = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    if len(own) != 1:
+        raise SystemExit(f"{run_dir / 'checkpoints'} holds {len(own)} best-*.ckpt files, not one; run it again "
+                         "without --resume")
+    out = {}
+    for name, ckpt in (("selected", own[0]), (ORACLE, run_dir / ORACLE / (ORACLE + ".ckpt"))):
+        _run(test_command(fit, ckpt, run_dir / f"{name}_test"), log, threads)
+        out[name] = json.loads((run_dir / f"{name}_test" / "metrics.json").read_text())["metrics"]
+    return {"target_acc": out["selected"]["test/target_acc"], "source_acc": out["selected"]["test/source_acc"],
+            "domain_acc": out["selected"].get("test/domain_acc"), "oracle_target_acc": out[ORACLE]["test/target_acc"],
+            "tested": {"selected": own[0].name, ORACLE: ORACLE + ".ckpt"}}
 
 
 def _run(cmd: list[str], log: Path, threads: int) -> None:
@@ -116,13 +134,33 @@ def run_dir_of(row: Row, seed: int, args) -> Path:
     return Path(args.workdir) / row.slug / f"seed{seed}"
 
 
+def resolved_config(cmd: list[str]) -> dict:
+    """The configuration a CLI command resolves to (``--print_config``: every config file and override applied)."""
+    proc = subprocess.run([*cmd, "--print_config"], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} --print_config failed:\n{proc.stderr[-2000:]}")
+    return yaml.safe_load(proc.stdout)
+
+
 def finished(row: Row, seed: int, args) -> Optional[dict]:
-    """The result of an earlier run of exactly this command, if it finished."""
+    """The result of an earlier run that finished with the configuration this row resolves to now.
+
+    Compared on the resolved configuration the run saved (``config.yaml``), not on the command line: an edited
+    config file under an unchanged command is a new run, and an override that restates a value is not."""
     run_dir = run_dir_of(row, seed, args)
-    recorded = run_dir / "bench_command.json"
-    if recorded.exists() and json.loads(recorded.read_text()) == fit_command(row, seed, run_dir, args.quick)[1:]:
-        return json.loads((run_dir / "bench_result.json").read_text())
-    return None
+    if not (run_dir / "bench_command.json").exists() or not (run_dir / "config.yaml").exists():
+        return None
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if saved != resolved_config(fit_command(row, seed, run_dir, args.quick)):
+        print(f"seed {seed} {row.name}: configuration changed since the finished run, running it again", flush=True)
+        return None
+    result = json.loads((run_dir / "bench_result.json").read_text())
+    if row.label_free and "tested" not in result:  # recorded before each checkpoint was tested by its path
+        result.update(test_label_free(fit_command(row, seed, run_dir, args.quick), run_dir,
+                                      run_dir / "bench.log", args.threads))
+        (run_dir / "bench_result.json").write_text(json.dumps(result))
+    return result
 
 
 def run_one(row: Row, seed: int, args) -> dict:
@@ -141,9 +179,7 @@ def run_one(row: Row, seed: int, args) -> dict:
     result = {"seed": seed, "target_acc": m["test/target_acc"], "source_acc": m["test/source_acc"],
               "domain_acc": m.get("test/domain_acc"), "wall_s": round(fit_s, 1)}
     if row.label_free:
-        _run(test_command(fit, run_dir), log, args.threads)
-        oracle = json.loads((run_dir / (ORACLE + "_test") / "metrics.json").read_text())["metrics"]
-        result["oracle_target_acc"] = oracle["test/target_acc"]
+        result.update(test_label_free(fit, run_dir, log, args.threads))
     (run_dir / "bench_result.json").write_text(json.dumps(result))
     recorded.write_text(json.dumps(fit[1:]))  # last: a run killed before this line runs again
     print(f"seed {seed} {row.name}: MNIST-M {100 * result['target_acc']:.1f}%"
@@ -229,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--workdir", default=os.path.join(default_cache_dir(), "bench_adaptation_cli"),
                         help="one folder per run (kept for --resume)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the finished runs whose command is unchanged (all rows), run the rest")
+                        help="keep the finished runs whose resolved configuration is unchanged (all rows), run the rest")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]

@@ -136,3 +136,25 @@ def test_per_domain_batchnorm_is_refused_for_a_one_domain_baseline(mode):
     every score on that domain would be silently wrong."""
     with pytest.raises(TLError, match="domain_batchnorm keeps one set"):
         DomainAdaptation(backbone="digit_cnn", mode=mode, domain_batchnorm=True, num_classes=10)
+
+
+def test_test_after_fit_uses_the_runs_own_checkpoint_when_another_checkpoint_callback_comes_first(tmp_path):
+    """trainer.checkpoint_callback is the *first* ModelCheckpoint: a user's extra one (here the worst checkpoint by
+    DEV) must not become the checkpoint that fit tests and metrics.json reports."""
+    worst = tmp_path / "worst"
+    metrics, _ = _fit(tmp_path, "--data.init_args.labelled_per_class=0", "--model.init_args.soft_label_weight=0",
+                      "--trainer.max_epochs=3", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                      "--trainer.callbacks.monitor=val/dev_risk", "--trainer.callbacks.mode=max",
+                      f"--trainer.callbacks.dirpath={worst}", "--trainer.callbacks.filename=worst")
+    run_dir = tmp_path / "run"
+    best = metrics["best_checkpoint"]
+    assert best.startswith(str(run_dir / "checkpoints" / "best-"))
+    tested = {}
+    for name, ckpt in (("best", best), ("worst", worst / "worst.ckpt")):
+        run_cli("test", "--config", CONFIG, *FAST, "--data.init_args.labelled_per_class=0",
+                "--model.init_args.soft_label_weight=0", "--data.init_args.num_workers=0",
+                "--data.init_args.source.init_args.samples_per_class=20", "--trainer.limit_test_batches=1",
+                f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path / name}")
+        tested[name] = json.loads((tmp_path / name / "metrics.json").read_text())["metrics"]["test/target_loss"]
+    assert tested["best"] != tested["worst"]  # two different checkpoints
+    assert metrics["metrics"]["test/target_loss"] == pytest.approx(tested["best"], rel=1e-6)

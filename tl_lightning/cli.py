@@ -23,7 +23,7 @@ from tl_lightning.callbacks.media import ConfusionMatrix, log_run_media
 from tl_lightning.callbacks.predictions import PredictionWriter
 from tl_lightning.callbacks.random_state import RandomState
 from tl_lightning.callbacks.requeue import Requeued, SLURMRequeue
-from tl_lightning.callbacks.results import BestCheckpoint, ResultsWriter
+from tl_lightning.callbacks.results import BestCheckpoint, ResultsWriter, run_checkpoint
 from tl_lightning.backbones import check_backbone_name
 from tl_lightning.console import quiet_expected_noise
 from tl_lightning.errors import TLError
@@ -161,8 +161,8 @@ class TLCLI(LightningCLI):
     def after_fit(self) -> None:
         metrics = dict(self.trainer.callback_metrics)
         if self.config[self.subcommand].get("test_after_fit", True) and not self.trainer.interrupted:
-            ckpt = self.trainer.checkpoint_callback
-            ckpt_path = "best" if ckpt is not None and getattr(ckpt, "best_model_path", "") else None
+            ckpt = run_checkpoint(self.trainer)  # not trainer.checkpoint_callback: the first of any
+            ckpt_path = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
             results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
             for r in results:
                 metrics.update(r)

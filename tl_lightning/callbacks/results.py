@@ -25,6 +25,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def run_checkpoint(trainer: "L.Trainer") -> Optional[ModelCheckpoint]:
+    """The checkpoint callback whose best checkpoint is the run's: ``BestCheckpoint`` (the method's own metric),
+    not whichever ``ModelCheckpoint`` comes first (``trainer.checkpoint_callback``), so a checkpoint callback a
+    user adds never changes which checkpoint is tested and reported."""
+    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    return next((c for c in callbacks if isinstance(c, BestCheckpoint)), callbacks[0] if callbacks else None)
+
+
 class BestCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that monitors the method's own metric and writes to ``<run dir>/checkpoints``."""
 
@@ -129,7 +137,7 @@ class ResultsWriter(EpochEnd):
             return None
         run_dir = trainer.default_root_dir
         os.makedirs(run_dir, exist_ok=True)
-        ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        ckpt = run_checkpoint(trainer)
         payload = {
             "command": command,
             "metrics": {k: _plain(v) for k, v in sorted(metrics.items())},
