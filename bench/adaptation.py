@@ -153,7 +153,7 @@ def finished(row: Row, seed: int, args) -> Optional[dict]:
         return None
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     if saved != resolved_config(fit_command(row, seed, run_dir, args.quick)):
-        print(f"seed {seed} {row.name}: configuration changed since the finished run, running it again", flush=True)
+        print(f"seed {seed} {row.name}: configuration changed since the finished run (not kept)", flush=True)
         return None
     result = json.loads((run_dir / "bench_result.json").read_text())
     if row.label_free and "tested" not in result:  # recorded before each checkpoint was tested by its path
