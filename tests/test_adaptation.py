@@ -406,6 +406,37 @@ def test_self_teacher_reads_the_source_with_source_statistics_and_seeds_the_targ
     assert torch.allclose(seen["soft_labels"], seen["expected"], atol=1e-5)
 
 
+def test_a_separate_teacher_is_pretrained_while_the_network_starts_from_its_initial_weights(tmp_path):
+    """init_from_source: false with source_pretrain_epochs: the pre-training epochs train a copy (the soft labels'
+    teacher) and leave the adapted network, its BatchNorm statistics included, exactly at its initial state."""
+    L.seed_everything(0)
+    dm = _pair(3, source_per_class=5, batch_size=5, epoch=1)
+    model = DomainAdaptation(backbone="digit_cnn", confusion="gradient_reversal", domain_batchnorm=True,
+                             num_classes=10, soft_label_weight=0.1, source_pretrain_epochs=4, temperature=2.0,
+                             init_from_source=False, lr=0.003)
+    initial = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("soft_labels", "source_"))}
+    seen = {}
+
+    class BeforeTheFirstAdaptationStep(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen["state"] = {k: v.clone() for k, v in pl_module.state_dict().items() if k in initial}
+            seen["soft_labels"] = pl_module.soft_labels.clone()
+
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+              callbacks=[BeforeTheFirstAdaptationStep()]).fit(model, dm)
+    changed = [k for k, v in seen["state"].items() if not torch.equal(v, initial[k])]
+    assert not changed, f"the source stage moved the adapted network: {changed[:3]}"
+    assert len(model.pretrain_history) == 4 and model.pretrain_history[-1] < model.pretrain_history[0]
+    # the soft labels come from the trained teacher, not from the (untrained) network: each class's own
+    # probability is higher than the untrained network gives it
+    model.eval()
+    with torch.no_grad():
+        batches = [(model(x, 0), y) for x, y in dm.source_loader(train=False)]
+    untrained = class_soft_labels(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), 10, 2.0)
+    assert seen["soft_labels"].diagonal().mean() > untrained.diagonal().mean() + 0.01
+
+
 def test_dann_batchnorm_overlay_fits_on_the_offline_pair(tmp_path):
     """configs/adaptation/dann_batchnorm.yaml layered on a pair config: unsupervised DANN, digit_cnn, two sets of
     BatchNorm statistics in the checkpoint."""

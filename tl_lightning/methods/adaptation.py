@@ -14,8 +14,9 @@ optimisation and two optimizers (one owns the feature extractor and classifier, 
 * **L_soft** - cross-entropy of the labelled target's prediction at temperature τ against the per-class mean
   softmax (at τ) of a source-trained model over the source examples of each class, weighted by ν. The soft
   labels are computed once, before adaptation, from ``source_checkpoint`` (a checkpoint of a ``source_only``
-  run; with ``init_from_source`` the network also starts from its weights) or, without it, from this network
-  after ``source_pretrain_epochs`` of source training (these epochs come before the trainer's ``max_epochs``).
+  run; with ``init_from_source`` the network also starts from its weights) or, without it, from a model trained
+  on the source for ``source_pretrain_epochs`` before the trainer's ``max_epochs``: this network (warm start,
+  ``init_from_source: true``) or a separate copy of it (``false``: the network adapts from its initial weights).
 
 ``lr_annealing`` applies DANN's learning-rate schedule μ_p = μ_0/(1+10p)^0.75 per step to both optimizers.
 ``domain_batchnorm`` gives every BatchNorm layer of the backbone its own target running statistics (AdaBN, Li et
@@ -97,7 +98,9 @@ class DomainAdaptation(TransferModule):
             temperature: τ of the soft labels and of the target prediction they are compared with.
             source_checkpoint: checkpoint of a source-trained DomainAdaptation (a ``source_only`` run): the
                 model the soft labels come from.
-            init_from_source: start the network from ``source_checkpoint``'s weights (warm start).
+            init_from_source: warm start: the network starts from ``source_checkpoint``'s weights, or is itself
+                the one pre-trained for ``source_pretrain_epochs``. ``false``: the network starts from its
+                initial weights, and the pre-training epochs train a separate copy, the soft labels' teacher.
             source_pretrain_epochs: epochs of source-only training before adaptation (and before soft labels).
             domain_hidden_dim: hidden width of the domain classifier (0 = linear).
             domain_input: what the domain classifier reads: ``embedding`` (the backbone's pooled output, which
@@ -249,45 +252,66 @@ class DomainAdaptation(TransferModule):
                 raise TLError("soft labels need a source-trained model: set source_checkpoint (a source_only "
                               "checkpoint) or source_pretrain_epochs >= 1.")
 
+    @property
+    def pretrains_separate_teacher(self) -> bool:
+        """Whether the source pre-training trains a copy (the soft labels' teacher) and this network starts from
+        scratch (``init_from_source: false``), rather than warm-starting this network."""
+        return (self.mode == "adapt" and not self.source_checkpoint and not self.init_from_source
+                and self.source_pretrain_epochs > 0)
+
     def on_train_start(self) -> None:
         if bool(self.source_stage_done):
             return
-        teacher = self._load_teacher(self.source_checkpoint) if self.source_checkpoint else self
-        if teacher is not self and self.init_from_source:
-            self.features.load_state_dict(teacher[0].state_dict())
-            self.classifier.load_state_dict(teacher[1].state_dict())
-        if self.mode != "target_only":
-            for _ in range(self.source_pretrain_epochs):
-                self._pretrain_epoch()
+        if self.source_checkpoint:
+            teacher = self._load_teacher(self.source_checkpoint)
+            if self.init_from_source:
+                self.features.load_state_dict(teacher[0].state_dict())
+                self.classifier.load_state_dict(teacher[1].state_dict())
+        elif self.pretrains_separate_teacher:
+            teacher = self._source_model()
+            self._pretrain(teacher, self.optimizer_factory([{"params": list(teacher.parameters()), "lr": self.lr,
+                                                              "weight_decay": self.weight_decay}]))
+        else:
+            teacher = self
+            if self.mode != "target_only":
+                self._pretrain(self, self.optimizers()[0].optimizer)
         if self.domain_batchnorm:  # after the source stage: the target starts from the trained source statistics
             seed_target_statistics(self.features)
         if self.uses_soft_labels:
             self.soft_labels.copy_(self._source_soft_labels(teacher))
         self.source_stage_done.fill_(True)
 
-    def _pretrain_epoch(self) -> None:
-        """One epoch of L_C on the source alone with the model optimizer.
+    def _source_model(self) -> nn.Sequential:
+        """A copy of this network as one source model (under ``domain_batchnorm`` it normalises with the source
+        statistics: the target's are used only inside ``target_statistics``)."""
+        return nn.Sequential(copy.deepcopy(self.features), copy.deepcopy(self.classifier)).to(self.device)
+
+    def _pretrain(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """``source_pretrain_epochs`` epochs of L_C on the source alone: of this network (with the model
+        optimizer) or of a separate teacher copy (with its own optimizer).
 
         It runs outside the DDP wrapper's forward, so under DDP gradient sync is off (``no_sync``): every process
         trains on the same source batches, and rank 0's weights are broadcast at the end to rule out drift.
         """
-        optimizer = self.optimizers()[0].optimizer
-        self.train()
+        read = (lambda x: self(x, SOURCE)) if model is self else model
         wrapper = self.trainer.strategy.model if self.trainer.world_size > 1 else None
-        total, count = torch.zeros((), device=self.device), 0
-        with wrapper.no_sync() if hasattr(wrapper, "no_sync") else contextlib.nullcontext():
-            for x, y in self._pair().source_loader(train=True):
-                x, y = x.to(self.device), y.to(self.device)
-                loss = self.loss(self(x, SOURCE), y)
-                optimizer.zero_grad()
-                self.manual_backward(loss)
-                optimizer.step()
-                total, count = total + loss.detach() * len(y), count + len(y)
-        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            for tensor in list(self.parameters()) + list(self.buffers()):
-                torch.distributed.broadcast(tensor.data, src=0)
-        self.pretrain_history.append(float(total) / max(count, 1))
-        print(f"source pre-training epoch {len(self.pretrain_history)}: loss {self.pretrain_history[-1]:.4f}")
+        model.train()
+        for _ in range(self.source_pretrain_epochs):
+            total, count = torch.zeros((), device=self.device), 0
+            with wrapper.no_sync() if hasattr(wrapper, "no_sync") else contextlib.nullcontext():
+                for x, y in self._pair().source_loader(train=True):
+                    x, y = x.to(self.device), y.to(self.device)
+                    loss = self.loss(read(x), y)
+                    optimizer.zero_grad()
+                    self.manual_backward(loss)
+                    optimizer.step()
+                    total, count = total + loss.detach() * len(y), count + len(y)
+            if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+                for tensor in list(model.parameters()) + list(model.buffers()):
+                    torch.distributed.broadcast(tensor.data, src=0)
+            self.pretrain_history.append(float(total) / max(count, 1))
+            what = "source pre-training" if model is self else "source teacher"
+            print(f"{what} epoch {len(self.pretrain_history)}: loss {self.pretrain_history[-1]:.4f}")
 
     def _load_teacher(self, path: str) -> nn.Sequential:
         """The source model (``features.*`` and ``classifier.*`` weights) of a DomainAdaptation checkpoint."""
@@ -297,7 +321,7 @@ class DomainAdaptation(TransferModule):
             raise TLError(f"cannot read source_checkpoint '{path}' ({e.__class__.__name__}); pass a checkpoint "
                           "written by a tl_lightning source_only run (loaded with weights_only=True).") from e
         state = state.get("state_dict", state)
-        teacher = nn.Sequential(copy.deepcopy(self.features), copy.deepcopy(self.classifier))
+        teacher = self._source_model()
         wanted = {f"{i}.{k}": f"{prefix}.{k}" for i, (prefix, part) in
                   enumerate((("features", self.features), ("classifier", self.classifier)))
                   for k in part.state_dict()}
@@ -313,7 +337,7 @@ class DomainAdaptation(TransferModule):
         except RuntimeError as e:
             raise TLError(f"checkpoint '{path}' has other shapes than this model (another backbone or class "
                           "count?); use a source_only run of the same configuration.") from e
-        return teacher.to(self.device)
+        return teacher
 
     @torch.no_grad()
     def _source_soft_labels(self, teacher: nn.Module) -> torch.Tensor:
