@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import yaml
 
+from bench.memory import run_with_peak_pss
 from tl_lightning.data.base import default_cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,14 +121,16 @@ def test_label_free(fit: list[str], run_dir: Path, log: Path, threads: int) -> d
             "tested": {"selected": own[0].name, ORACLE: ORACLE + ".ckpt"}}
 
 
-def _run(cmd: list[str], log: Path, threads: int) -> None:
+def _run(cmd: list[str], log: Path, threads: int) -> Optional[int]:
+    """Run ``cmd``, appending to ``log``; the peak PSS (bytes) summed over its processes, workers included."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", WANDB_MODE="offline", OMP_NUM_THREADS=str(threads))
     with open(log, "a") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc, peak = run_with_peak_pss(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+    return peak
 
 
 def run_dir_of(row: Row, seed: int, args) -> Path:
@@ -173,11 +176,12 @@ def run_one(row: Row, seed: int, args) -> dict:
     run_dir.mkdir(parents=True)
     log = run_dir / "bench.log"
     started = time.perf_counter()
-    _run(fit, log, args.threads)
+    peak = _run(fit, log, args.threads)
     fit_s = time.perf_counter() - started
     m = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     result = {"seed": seed, "target_acc": m["test/target_acc"], "source_acc": m["test/source_acc"],
-              "domain_acc": m.get("test/domain_acc"), "wall_s": round(fit_s, 1)}
+              "domain_acc": m.get("test/domain_acc"), "wall_s": round(fit_s, 1),
+              "peak_pss_mb": None if peak is None else round(peak / 2 ** 20)}
     if row.label_free:
         result.update(test_label_free(fit, run_dir, log, args.threads))
     (run_dir / "bench_result.json").write_text(json.dumps(result))
@@ -210,21 +214,25 @@ def write_results(all_rows: list[Row], args, wall_s: float) -> Path:
         "split (5,000 images) and the validation split are carved out of MNIST-M's train split, the same for "
         "every run.", "",
         "| method | run | labelled target / class | MNIST-M test acc (%) | oracle selection (%) | MNIST test acc (%) "
-        "| domain-classifier acc, test (%) | published (%) | wall time / run (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| domain-classifier acc, test (%) | published (%) | wall time / run (s) | peak PSS / run (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in all_rows:
         how = " ".join([*(f"`--config {o}`" for o in row.overlays), *(f"`{o}`" for o in row.overrides)]) or "-"
         wall = np.mean([r["wall_s"] for r in row.runs]) if row.runs else float("nan")
+        peaks = [r["peak_pss_mb"] for r in row.runs if r.get("peak_pss_mb") is not None]
+        peak = f"{max(peaks)}" if peaks else "-"  # the largest over the seeds
         oracle = mean_std(r.get("oracle_target_acc") for r in row.runs) if row.label_free else "-"
         lines.append(f"| {row.name} | {how} | {row.labelled} | {mean_std(r['target_acc'] for r in row.runs)} | "
                      f"{oracle} | {mean_std(r['source_acc'] for r in row.runs)} | "
-                     f"{mean_std(r.get('domain_acc') for r in row.runs)} | {row.published or '-'} | {wall:.0f} |")
+                     f"{mean_std(r.get('domain_acc') for r in row.runs)} | {row.published or '-'} | {wall:.0f} | {peak} |")
     lines += ["", f"Wall time of this invocation {wall_s / 60:.1f} min, {args.jobs} runs at a time with "
               f"{args.threads} thread(s) each, on {os.cpu_count()} CPU cores ({platform.machine()}, shared), "
               f"torch {torch.__version__}. Published: Ganin & Lempitsky 2015 (full MNIST, their schedule). The "
               "domain-classifier accuracy is the method's own domain classifier on the test images of both "
-              "domains, balanced over the two (50% = confused); the baselines train theirs as an idle probe.", ""]
+              "domains, balanced over the two (50% = confused); the baselines train theirs as an idle probe. Peak "
+              "PSS: the fit's processes together (main process and data-loader workers; shared pages counted "
+              "once), sampled every 0.5 s (`bench/memory.py`), the largest over the seeds.", ""]
     (stem.with_suffix(".md")).write_text("\n".join(lines))
     (stem.with_suffix(".json")).write_text(json.dumps(
         {"config": CONFIG, "wall_s": wall_s, "rows": {row.name: {"overlays": row.overlays, "overrides": row.overrides,

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import FAST, read_metrics, run_cli
 from tl_lightning.data.digits import BlendedDigitsDataModule, DigitsDataModule, blend_digits, load_digit_images
-from tl_lightning.data.domains import DomainPairDataModule
+from tl_lightning.data.domains import ByteImages, DomainPairDataModule
 from tl_lightning.errors import TLError
 from tl_lightning.losses import (GradientReversal, class_soft_labels, confusion_loss, dann_lambda, grad_reverse,
                                  soft_label_loss)
@@ -146,14 +146,18 @@ def test_pair_splits_labelled_and_unlabelled_target_with_seed():
         len(dm.target.split_dataset("val")), len(dm.source.split_dataset("val"))]
 
 
-def test_pair_in_memory_serves_the_same_samples():
+def test_pair_in_memory_serves_the_same_samples_from_uint8_storage():
     lazy, memory = _pair(2, seed=3), _pair(2, seed=3, in_memory=True)
     lazy.setup(), memory.setup()
     for name in ("source_train", "target_labelled"):
-        x_lazy, y_lazy = lazy.splits[name][4]
-        x_mem, y_mem = memory.splits[name][4]
-        assert torch.equal(x_lazy, x_mem) and y_lazy == y_mem
+        for i in range(len(lazy.splits[name])):  # bit for bit, every sample
+            x_lazy, y_lazy = lazy.splits[name][i]
+            x_mem, y_mem = memory.splits[name][i]
+            assert x_mem.dtype == torch.float32 and torch.equal(x_lazy, x_mem) and y_lazy == y_mem
     assert torch.equal(lazy.splits["target_unlabelled"][7], memory.splits["target_unlabelled"][7])
+    stored = memory.splits["source_train"]  # one byte per pixel value, not four
+    assert isinstance(stored, ByteImages) and stored.images.dtype == torch.uint8
+    assert stored.images.shape == (len(stored), 3, 32, 32)
     assert len(memory.val_dataloader()[0].dataset) == len(lazy.target.split_dataset("val"))
 
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torchvision.transforms import Compose, Normalize
 
 from tl_lightning.backbones import DEFAULT_BACKBONE
 from tl_lightning.data.base import SampleSet, TLDataModule, check_batch_size, default_num_workers, per_class_subset
@@ -43,16 +44,50 @@ EPOCH_DEFINITIONS = ("source", "target", "longest")
 
 
 #: decoded splits of this process, by SampleSet fingerprint (``in_memory``)
-_DECODED: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+_DECODED: dict[str, Dataset] = {}
 
 
-def decoded(samples: SampleSet) -> TensorDataset:
-    """``samples`` decoded and transformed once into tensors (memoised by fingerprint in this process)."""
+class ByteImages(Dataset):
+    """Decoded images kept as uint8 (a quarter of float32's memory, shared by fork-started loader workers without
+    copies), each converted back at read time exactly as ``ToTensor`` and ``Normalize`` would have."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, normalize: Callable):
+        self.images, self.targets, self.normalize = images, targets, normalize
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.normalize(self.images[i].float().div(255)), self.targets[i]
+
+
+def _split_normalize(transform) -> Optional[tuple[Callable, Callable]]:
+    """``(everything before Normalize, Normalize)`` when ``transform`` is a Compose that ends in ToTensor and
+    Normalize (so the images before Normalize are uint8 values / 255), else None."""
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-1], Normalize) or "ToTensor" not in type(steps[-2]).__name__:
+        return None
+    return Compose(steps[:-1]), steps[-1]
+
+
+def decoded(samples: SampleSet) -> Dataset:
+    """``samples`` decoded and transformed once into tensors (memoised by fingerprint in this process): as uint8
+    images plus the normalisation when the transform ends in ToTensor + Normalize, else as float tensors."""
     key = samples.fingerprint()
     if key not in _DECODED:
-        batches = list(DataLoader(samples, batch_size=512, num_workers=0))
-        _DECODED[key] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-    return TensorDataset(*_DECODED[key])
+        parts = _split_normalize(samples.transform)
+        unnormalised = samples.with_transform(parts[0]) if parts else samples
+        batches = list(DataLoader(unnormalised, batch_size=512, num_workers=0))
+        images, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        if parts:
+            as_bytes = images.mul(255).round()
+            if not torch.equal(as_bytes.div(255), images):  # not 8-bit images after all: keep the floats
+                _DECODED[key] = TensorDataset(parts[1](images), targets)
+            else:
+                _DECODED[key] = ByteImages(as_bytes.to(torch.uint8), targets, parts[1])
+        else:
+            _DECODED[key] = TensorDataset(images, targets)
+    return _DECODED[key]
 
 
 class ImagesOnly(Dataset):
@@ -181,7 +216,7 @@ class DomainPairDataModule(L.LightningDataModule):
             self._check_labelled_per_class(target_train.targets, k)
             labelled = per_class_subset(target_train.targets, k, self.seed)
             rest = np.setdiff1d(np.arange(len(target_train)), labelled)
-            if isinstance(target, TensorDataset):  # decoded once, shared by every k and seed
+            if isinstance(target, (TensorDataset, ByteImages)):  # decoded once, shared by every k and seed
                 splits["target_labelled"] = Subset(target, labelled.tolist())
                 splits["target_unlabelled"] = ImagesOnly(Subset(target, rest.tolist()))
             else:
