@@ -14,8 +14,9 @@ split, ``target`` = one pass over the unlabelled target, ``longest`` (default) =
 two, or an integer number of steps. The few labelled target samples are cycled (``labelled_batch_size`` per step,
 at most all of them).
 
-``in_memory: true`` decodes and transforms every deterministic split once into tensors, shared by every pair in
-the process (fast for small images such as 32 px digits; training splits with augmentation are left as they are).
+``in_memory: true`` decodes and transforms every deterministic split once, shared by every pair in the process
+(fast for small images such as 32 px digits; training splits with augmentation are left as they are), and keeps
+the images as uint8 (:class:`ByteImages`), normalised per sample exactly as the on-disk path does.
 
 Validation and test run two loaders: target (``dataloader_idx`` 0) then source (1), so a method reports
 target and source accuracy separately.
