@@ -77,9 +77,11 @@ def test_guard_catches_extra_forward_and_sync():
     assert all(s["syncs"]["item"] == 1 for s in steps)
 
 
-def test_speed_switches_channels_last(tmp_path):
-    """``channels_last`` puts the backbone's conv weights and the image batches in NHWC; training still works."""
-    model = finetune(channels_last=True)
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_speed_switches_channels_last(tmp_path, setting):
+    """``channels_last`` (forced, or ``auto`` on a convnet, the default) puts the backbone's conv weights and the
+    image batches in NHWC; training still works."""
+    model = finetune(channels_last=setting)
     seen = []
 
     class Layout(L.Callback):
@@ -102,3 +104,56 @@ def test_speed_switch_compile_compiles_the_backbone_in_place():
     assert getattr(model.backbone, "_compiled_call_impl", None) is not None
     assert set(model.state_dict()) == keys  # checkpoints keep their parameter names
     assert not getattr(finetune().backbone, "_compiled_call_impl", None)
+
+
+def test_channels_last_auto_is_on_for_convnets_and_off_for_transformers(tmp_path):
+    import timm
+
+    from tl_lightning.feature_cache import extract_features
+    from tl_lightning.methods.base import is_convnet
+
+    assert is_convnet(timm.create_model("tf_efficientnet_lite0", pretrained=False))
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0)
+    assert not is_convnet(vit)  # its patch embedding is a 16x16 convolution, but it has attention blocks
+    assert FineTune(backbone="digit_cnn", weights="none", num_classes=10).channels_last == "auto"
+    convnet, off = finetune(), finetune(channels_last=False)
+    for model in (convnet, off):
+        model.configure_model()
+    assert convnet.uses_channels_last and not off.uses_channels_last
+    assert convnet.backbone.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert off.backbone.conv1[0].weight.is_contiguous()
+    # feature extraction feeds the extractor's own layout (NHWC images for an NHWC network)
+    seen = []
+    convnet.backbone.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32),
+                                                                        torch.zeros(4)), batch_size=2)
+    extract_features(convnet.backbone, loader, torch.device("cpu"))
+    assert seen == [True, True]
+
+
+def test_compile_advice_only_when_a_long_eager_fit_repays_the_warm_up(tmp_path):
+    from tl_lightning.callbacks.compile_advice import SPEEDUP, WARMUP_S, CompileAdvice, worth_compiling
+
+    assert not worth_compiling(0.1, 100)  # 10 s of training left: the warm-up alone costs more
+    assert worth_compiling(0.1, 100_000)  # hours left
+    assert not worth_compiling(0.1, float("inf")) and not worth_compiling(0.1, 0)
+    break_even = 2 * WARMUP_S / (1 - 1 / SPEEDUP)  # batches of 1 s: the saving must be twice the warm-up
+    assert not worth_compiling(1.0, break_even - 1) and worth_compiling(1.0, break_even + 1)
+
+    class StopAfterProbe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.should_stop or batch_idx >= 2
+
+    advice = {}
+    for compiled in (False, True):
+        callback = CompileAdvice(probe_batches=2)
+        model = finetune()
+        model.compile_backbone = compiled  # only the flag: the advice never compiles anything itself
+        # millions of batches planned: any step time makes the remaining eager fit longer than the warm-up
+        L.Trainer(max_epochs=10 ** 7, limit_train_batches=3, limit_val_batches=0, accelerator="cpu", logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[callback, StopAfterProbe()], default_root_dir=tmp_path).fit(model, digits(False))
+        advice[compiled] = callback.advice
+    assert advice[True] is None
+    assert advice[False] and "--model.init_args.compile=true" in advice[False]

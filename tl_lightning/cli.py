@@ -17,6 +17,7 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from tl_lightning.callbacks.compile_advice import CompileAdvice
 from tl_lightning.callbacks.interrupt import InterruptCheckpoint, take_stop_signal
 from tl_lightning.callbacks.logger_resume import LoggerResume, resume_loggers
 from tl_lightning.callbacks.media import ConfusionMatrix, log_run_media
@@ -210,7 +211,8 @@ def run_cli(args: Optional[list[str]] = None, run: bool = True, cli_class: type 
         save_config_callback=SaveRunConfig,
         parser_class=TLArgumentParser,
         trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), SLURMRequeue(), PredictionWriter(),
-                                        ConfusionMatrix(), LoggerResume(), InterruptCheckpoint(argv), RandomState()]},
+                                        ConfusionMatrix(), LoggerResume(), InterruptCheckpoint(argv), RandomState(),
+                                        CompileAdvice()]},
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,

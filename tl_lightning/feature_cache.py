@@ -125,8 +125,13 @@ class FeatureCache:
 
 @torch.no_grad()
 def extract_features(extractor: nn.Module, loader: DataLoader, device: torch.device, desc: str = "features",
-                     channels_last: bool = False) -> dict:
-    """Run ``extractor`` over ``loader`` in eval mode: {'features': [N, D] float32, 'targets': [N, ...]}."""
+                     channels_last: Optional[bool] = None) -> dict:
+    """Run ``extractor`` over ``loader`` in eval mode: {'features': [N, D] float32, 'targets': [N, ...]}. The
+    images are given the extractor's memory layout (``channels_last``; default: NHWC when its conv weights are)."""
+    if channels_last is None:
+        kernels = [p for p in extractor.parameters() if p.ndim == 4]
+        channels_last = bool(kernels) and kernels[0].is_contiguous(memory_format=torch.channels_last) \
+            and not kernels[0].is_contiguous()
     was_training = extractor.training
     extractor.eval()
     feats, targets = [], []
