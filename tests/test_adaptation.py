@@ -439,6 +439,13 @@ def test_a_separate_teacher_is_pretrained_while_the_network_starts_from_its_init
         batches = [(model(x, 0), y) for x, y in dm.source_loader(train=False)]
     untrained = class_soft_labels(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), 10, 2.0)
     assert seen["soft_labels"].diagonal().mean() > untrained.diagonal().mean() + 0.01
+    # without soft labels there is nothing to teach: no source stage at all
+    no_soft = DomainAdaptation(backbone="digit_cnn", domain_batchnorm=True, num_classes=10, soft_label_weight=0.0,
+                               source_pretrain_epochs=4, init_from_source=False)
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+              default_root_dir=tmp_path).fit(no_soft, dm)
+    assert no_soft.pretrain_history == []
 
 
 def test_dann_batchnorm_overlay_fits_on_the_offline_pair(tmp_path):

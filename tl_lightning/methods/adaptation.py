@@ -100,7 +100,8 @@ class DomainAdaptation(TransferModule):
                 model the soft labels come from.
             init_from_source: warm start: the network starts from ``source_checkpoint``'s weights, or is itself
                 the one pre-trained for ``source_pretrain_epochs``. ``false``: the network starts from its
-                initial weights, and the pre-training epochs train a separate copy, the soft labels' teacher.
+                initial weights, and the pre-training epochs train a separate copy as the soft labels' teacher
+                (none without soft labels: then there is no source stage).
             source_pretrain_epochs: epochs of source-only training before adaptation (and before soft labels).
             domain_hidden_dim: hidden width of the domain classifier (0 = linear).
             domain_input: what the domain classifier reads: ``embedding`` (the backbone's pooled output, which
@@ -252,13 +253,6 @@ class DomainAdaptation(TransferModule):
                 raise TLError("soft labels need a source-trained model: set source_checkpoint (a source_only "
                               "checkpoint) or source_pretrain_epochs >= 1.")
 
-    @property
-    def pretrains_separate_teacher(self) -> bool:
-        """Whether the source pre-training trains a copy (the soft labels' teacher) and this network starts from
-        scratch (``init_from_source: false``), rather than warm-starting this network."""
-        return (self.mode == "adapt" and not self.source_checkpoint and not self.init_from_source
-                and self.source_pretrain_epochs > 0)
-
     def on_train_start(self) -> None:
         if bool(self.source_stage_done):
             return
@@ -267,10 +261,11 @@ class DomainAdaptation(TransferModule):
             if self.init_from_source:
                 self.features.load_state_dict(teacher[0].state_dict())
                 self.classifier.load_state_dict(teacher[1].state_dict())
-        elif self.pretrains_separate_teacher:
-            teacher = self._source_model()
-            self._pretrain(teacher, self.optimizer_factory([{"params": list(teacher.parameters()), "lr": self.lr,
-                                                              "weight_decay": self.weight_decay}]))
+        elif not self.init_from_source:  # the network adapts from its initial weights; a teacher only if needed
+            teacher = self._source_model() if self.uses_soft_labels else None
+            if teacher is not None:
+                self._pretrain(teacher, self.optimizer_factory([{"params": list(teacher.parameters()),
+                                                                  "lr": self.lr, "weight_decay": self.weight_decay}]))
         else:
             teacher = self
             if self.mode != "target_only":
