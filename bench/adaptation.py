@@ -66,13 +66,14 @@ class Row:
 
 
 def rows() -> list[Row]:
-    k0 = ["--data.init_args.labelled_per_class=0", "--model.init_args.soft_label_weight=0",
-          "--model.init_args.confusion=uniform", "--model.init_args.lambda_schedule=false"]
+    k0 = ["--data.init_args.labelled_per_class=0", "--model.init_args.soft_label_weight=0"]  # as the README says
+    uniform = ["--model.init_args.confusion=uniform", "--model.init_args.lambda_schedule=false"]
     return [
         Row("source-only", ["configs/adaptation/source_only.yaml"], labelled="0", published=57.5),
         Row("DANN, published network", ["configs/adaptation/dann_published.yaml"], labelled="0", published=81.5),
         Row("DANN, digit_cnn + per-domain BatchNorm", ["configs/adaptation/dann_batchnorm.yaml"], labelled="0"),
         Row("confusion only", overrides=k0, labelled="0"),
+        Row("confusion only, uniform target (Tzeng et al.'s alternation)", overrides=k0 + uniform, labelled="0"),
         *[Row(f"confusion + soft labels, k={k}", overrides=[f"--data.init_args.labelled_per_class={k}"],
               labelled=str(k)) for k in (1, 3, 10)],
         Row("train-on-target (all labels)", ["configs/adaptation/target_only.yaml"], labelled="all"),

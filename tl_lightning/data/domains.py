@@ -71,23 +71,30 @@ def _split_normalize(transform) -> Optional[tuple[Callable, Callable]]:
     return Compose(steps[:-1]), steps[-1]
 
 
+def _as_bytes(samples: SampleSet, before: Callable, normalize: Callable) -> Optional[ByteImages]:
+    """``samples`` decoded batch by batch into uint8 (no full-size float copy), or None when a transformed image
+    is not uint8 values / 255 after all."""
+    images, targets = [], []
+    for x, y in DataLoader(samples.with_transform(before), batch_size=512, num_workers=0):
+        scaled = x.mul(255).round()
+        if not torch.equal(scaled.div(255), x):
+            return None
+        images.append(scaled.to(torch.uint8))
+        targets.append(y)
+    return ByteImages(torch.cat(images), torch.cat(targets), normalize)
+
+
 def decoded(samples: SampleSet) -> Dataset:
     """``samples`` decoded and transformed once into tensors (memoised by fingerprint in this process): as uint8
     images plus the normalisation when the transform ends in ToTensor + Normalize, else as float tensors."""
     key = samples.fingerprint()
     if key not in _DECODED:
         parts = _split_normalize(samples.transform)
-        unnormalised = samples.with_transform(parts[0]) if parts else samples
-        batches = list(DataLoader(unnormalised, batch_size=512, num_workers=0))
-        images, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-        if parts:
-            as_bytes = images.mul(255).round()
-            if not torch.equal(as_bytes.div(255), images):  # not 8-bit images after all: keep the floats
-                _DECODED[key] = TensorDataset(parts[1](images), targets)
-            else:
-                _DECODED[key] = ByteImages(as_bytes.to(torch.uint8), targets, parts[1])
-        else:
-            _DECODED[key] = TensorDataset(images, targets)
+        stored = _as_bytes(samples, *parts) if parts else None
+        if stored is None:
+            batches = list(DataLoader(samples, batch_size=512, num_workers=0))
+            stored = TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+        _DECODED[key] = stored
     return _DECODED[key]
 
 
