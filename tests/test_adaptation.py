@@ -110,11 +110,12 @@ def test_blended_digits_are_abs_difference_with_photo_patches():
 
 
 def _pair(k, source_per_class=None, **kwargs) -> DomainPairDataModule:
+    kwargs.setdefault("num_workers", 0)
     return DomainPairDataModule(
         source={"class_path": "tl_lightning.data.DigitsDataModule",
                 "init_args": {"seed": 0, "samples_per_class": source_per_class}},
         target={"class_path": "tl_lightning.data.digits.BlendedDigitsDataModule", "init_args": {"seed": 1}},
-        labelled_per_class=k, backbone="digit_cnn", num_workers=0, **kwargs)
+        labelled_per_class=k, backbone="digit_cnn", **kwargs)
 
 
 def test_pair_splits_labelled_and_unlabelled_target_with_seed():
@@ -158,6 +159,15 @@ def test_pair_in_memory_serves_the_same_samples_from_uint8_storage():
     stored = memory.splits["source_train"]  # one byte per pixel value, not four
     assert isinstance(stored, ByteImages) and stored.images.dtype == torch.uint8
     assert stored.images.shape == (len(stored), 3, 32, 32)
+    # nothing to decode: no loader workers by default for what is held in memory, the asked number otherwise
+    for pair, expected in ((_pair(2, seed=3, in_memory=True, num_workers=None), 0),
+                           (_pair(2, seed=3, in_memory=True, num_workers=2), 2)):
+        pair.setup()
+        assert {loader.num_workers for loader in pair.val_dataloader()} == {expected}
+        assert {loader.num_workers for loader in pair.train_dataloader().iterables.values()} == {expected}
+    lazy_default = _pair(2, seed=3, num_workers=None)
+    lazy_default.setup()
+    assert lazy_default.val_dataloader()[0].num_workers == lazy_default.num_workers
     assert len(memory.val_dataloader()[0].dataset) == len(lazy.target.split_dataset("val"))
 
 

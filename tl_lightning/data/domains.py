@@ -111,6 +111,13 @@ class ImagesOnly(Dataset):
         return self.samples[i][0]
 
 
+def held_in_memory(dataset: Dataset) -> bool:
+    """Whether ``dataset`` (or what a Subset / ImagesOnly wraps) is decoded tensors (``in_memory``)."""
+    while isinstance(dataset, (Subset, ImagesOnly)):
+        dataset = dataset.dataset if isinstance(dataset, Subset) else dataset.samples
+    return isinstance(dataset, (ByteImages, TensorDataset))
+
+
 def build_datamodule(spec: Union[TLDataModule, dict]) -> TLDataModule:
     """A DataModule from an instance or a ``{"class_path": ..., "init_args": {...}}`` dict."""
     if isinstance(spec, TLDataModule):
@@ -151,7 +158,8 @@ class DomainPairDataModule(L.LightningDataModule):
             batch_size: source and unlabelled-target samples per step (each), and the evaluation batch size.
             labelled_batch_size: labelled-target samples per step; default ``batch_size`` (at most all of them).
             epoch: steps per epoch: ``source``, ``target`` (unlabelled), ``longest``, or an integer.
-            num_workers: loader processes; default half the cores (at most 8).
+            num_workers: loader processes; default half the cores (at most 8), and none for a split held in
+                memory (``in_memory``: nothing to decode, and each worker would hold its own pages).
             backbone: timm model whose input size and normalisation both domains use (linked from the model).
             image_size: override the backbone's input size in both domains.
             in_memory: hold every deterministic split as decoded tensors (small images only).
@@ -174,6 +182,7 @@ class DomainPairDataModule(L.LightningDataModule):
         self.labelled_batch_size = labelled_batch_size or batch_size
         self.epoch = epoch
         self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.workers_chosen = num_workers is not None
         self.backbone = backbone
         self.image_size = image_size
         self.in_memory = in_memory
@@ -277,7 +286,7 @@ class DomainPairDataModule(L.LightningDataModule):
     # ----- loaders -----------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, batch_size: int, steps: Optional[int] = None, shuffle: bool = False):
         sampler = RandomSampler(dataset, num_samples=steps * batch_size) if steps else None
-        workers = self.num_workers
+        workers = 0 if held_in_memory(dataset) and not self.workers_chosen else self.num_workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else None,
                           num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available())
