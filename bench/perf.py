@@ -13,7 +13,8 @@ Sections (``--only`` picks some):
 * ``herding``: iCaRL herding of 6,000 1280-d features for a 2,000-exemplar budget, ``herding_order`` vs the
   textbook loop that re-sums the chosen exemplars every step.
 * ``ddp``: FineTune images/s of 2 CPU processes (gloo, via the CLI) vs 1 process with the same cores.
-* ``switches``: FineTune steps/s with ``--trainer.precision=bf16-mixed``, ``--model.channels_last=true``,
+* ``switches``: FineTune steps/s of the default (``channels_last: auto``, NHWC for this convnet), of
+  ``--trainer.precision=bf16-mixed`` with and without NHWC, vs NCHW (``--model.channels_last=false``), and of
   ``--model.compile=true`` vs the default, interleaved.
 
 Writes ``bench/results/perf.md``, ``perf.json``, ``perf.png`` (every ratio) and ``perf_pipeline.png``.
@@ -460,14 +461,16 @@ def bench_ddp(size: Size) -> list[Row]:
 
 # ----- speed switches ---------------------------------------------------------------------------------------
 def bench_switches(size: Size) -> list[Row]:
-    switches = {"bf16-mixed": ("--trainer.precision=bf16-mixed",), "channels_last": ("--model.channels_last=true",),
-                "channels_last + bf16-mixed": ("--model.channels_last=true", "--trainer.precision=bf16-mixed")}
-    runs = {"default": lambda: tl_steps_per_s(size)}
+    # the default is channels_last: auto (NHWC for this convnet); NCHW is the layout without it
+    switches = {"default (channels_last: auto)": ("--model.channels_last=auto",),
+                "bf16-mixed": ("--trainer.precision=bf16-mixed",),
+                "bf16-mixed, NCHW": ("--trainer.precision=bf16-mixed", "--model.channels_last=false")}
+    runs = {"NCHW": lambda: tl_steps_per_s(size, ("--model.channels_last=false",))}
     runs.update({name: (lambda extra=extra: tl_steps_per_s(size, extra)) for name, extra in switches.items()})
     res = interleaved(runs, size.rounds)
-    base = median(res["default"])
-    rows = [Row("switches", f"FineTune steps/s: {name} / default", median(res[name]), base, "steps/s",
-                median(res[name]) / base, "", f"--{' --'.join(a.lstrip('-') for a in switches[name])}")
+    base = median(res["NCHW"])
+    rows = [Row("switches", f"FineTune steps/s: {name} / NCHW (channels_last=false)", median(res[name]), base,
+                "steps/s", median(res[name]) / base, "", f"--{' --'.join(a.lstrip('-') for a in switches[name])}")
             for name in switches]
     if size.compile:
         compiled = StepTimerRun(size, ("--model.compile=true",))
