@@ -1,8 +1,11 @@
 """Per-method overhead: a method's training step through the CLI's Trainer and callbacks vs a plain PyTorch loop
 that does the same work (same module, data loader, batch size, optimizers and thread count), interleaved.
 
-``bench/perf.py``'s ``overhead`` section calls :func:`bench_adaptation_overhead` beside its FineTune row.
+``bench/perf.py``'s ``overhead`` section calls :func:`bench_head_overhead` and
+:func:`bench_adaptation_overhead` beside its FineTune row.
 
+* FeatureExtraction: a linear head trained over epochs on cached features (the feature cache filled first, so
+  both sides read the same tensors); the plain loop calls the module's own forward with AdamW.
 * DomainAdaptation: the BatchNorm digit CNN with per-domain statistics, DANN's reversed gradient, two optimizers
   stepped in one manual step, DANN's per-step learning-rate annealing and λ_p ramp, k = 3 labelled targets per
   class, on the offline digit pair held in memory. The plain loop calls the same module's ``trunk``,
@@ -87,6 +90,71 @@ def plain_adaptation_steps_per_s(steps: int, warmup: int, batch_size: int) -> fl
         ends.append(time.perf_counter())
     timed = ends[warmup - 1:]
     return (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def head_args(root: str, cache_dir: str, epochs: int, batch_size: int) -> list[str]:
+    """FeatureExtraction with a linear head trained over epochs on cached EfficientNet-Lite0 features (digits)."""
+    return ["--model=tl_lightning.methods.FeatureExtraction", "--model.backbone=tf_efficientnet_lite0",
+            "--model.weights=bundled", "--model.embedding=pooled", f"--model.cache_dir={cache_dir}",
+            "--data=tl_lightning.data.DigitsDataModule", "--data.image_size=32", f"--data.batch_size={batch_size}",
+            "--data.num_workers=0", "--data.val_fraction=0.1", "--data.test_fraction=0.1",
+            f"--trainer.max_epochs={epochs}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+            "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}", "--seed_everything=0"]
+
+
+def tl_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> float:
+    from bench.perf import StepTimer
+    from tl_lightning.cli import run_cli
+
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = run_cli(head_args(root, cache_dir, epochs, batch_size), run=False)
+        timer = StepTimer(warmup)
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return timer.steps_per_s
+
+
+def plain_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> float:
+    """The same head epochs in plain PyTorch: the module's own forward on the same cached features, AdamW."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tl_lightning.cli import run_cli
+
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = run_cli(head_args(root, cache_dir, epochs, batch_size), run=False)
+    model, dm = cli.model, cli.datamodule
+    L.seed_everything(0, verbose=False)
+    dm.setup("fit")
+    feats = model.split_features("train", dm)  # from the warm cache
+    loader = DataLoader(TensorDataset(feats["features"], feats["targets"]), batch_size=batch_size, shuffle=True)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=model.lr, weight_decay=model.weight_decay)
+    model.train()
+    ends: list[float] = []
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = model.loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            ends.append(time.perf_counter())
+    timed = ends[warmup - 1:]
+    return (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def bench_head_overhead(rounds: int = 5, epochs: int = 5, warmup: int = 5, batch_size: int = 32):
+    from bench.perf import Row
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        tl_head_steps_per_s(cache_dir, 1, 1, batch_size)  # fills the feature cache: both sides read it warm
+        tl, plain, ratio, per_round = side_by_side({
+            "plain PyTorch": lambda: plain_head_steps_per_s(cache_dir, epochs, warmup, batch_size),
+            "tl_lightning": lambda: tl_head_steps_per_s(cache_dir, epochs, warmup, batch_size)}, rounds)
+    return [Row("overhead", f"FeatureExtraction head epochs on cached features, tl_lightning / plain PyTorch "
+                f"(linear head on 1280-d tf_efficientnet_lite0 features, batch {batch_size}, {epochs} epochs, "
+                f"{torch.get_num_threads()} threads)", tl, plain, "steps/s", ratio, "<= 1.05",
+                f"median of {rounds} rounds: {per_round}", ratio <= 1.05)]
 
 
 def side_by_side(runs: dict[str, Callable[[], float]], rounds: int) -> tuple[float, float, float, str]:

@@ -203,11 +203,12 @@ def bench_overhead(size: Size) -> list[Row]:
     per_round = [p / t for p, t in zip(res["plain PyTorch"], res["tl_lightning"])]  # time per step, tl / plain
     ratio = median(per_round)  # each round's pair ran back to back: the median of their ratios
     rounds = ", ".join(f"{r:.3f}" for r in per_round)
-    from bench.overhead import bench_adaptation_overhead
+    from bench.overhead import bench_adaptation_overhead, bench_head_overhead
 
     return [Row("overhead", f"FineTune step time, tl_lightning / plain PyTorch ({size.backbone}, "
                 f"{size.image_size} px, batch {size.batch_size}, {torch.get_num_threads()} threads)",
                 tl, plain, "steps/s", ratio, "<= 1.05", f"per round: {rounds}", ratio <= 1.05),
+            *bench_head_overhead(rounds=max(5, size.rounds)),
             *bench_adaptation_overhead(rounds=max(5, size.rounds))]
 
 
