@@ -37,17 +37,23 @@ def adaptation_args(root: str, steps: int, batch_size: int) -> list[str]:
             "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}", "--seed_everything=0"]
 
 
-def tl_adaptation_steps_per_s(steps: int, warmup: int, batch_size: int) -> float:
+def cli_steps_per_s(make_args: Callable[[str], list[str]], warmup: int) -> float:
+    """Steps/s of a fit through the CLI's Trainer and callbacks (``run=False``, then ``fit`` with a StepTimer);
+    ``make_args(root)`` gives the arguments for a temporary run folder."""
     from bench.perf import StepTimer
     from tl_lightning.cli import run_cli
 
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cli = run_cli(adaptation_args(root, steps, batch_size), run=False)
+        cli = run_cli(make_args(root), run=False)
         timer = StepTimer(warmup)
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer.steps_per_s
+
+
+def tl_adaptation_steps_per_s(steps: int, warmup: int, batch_size: int) -> float:
+    return cli_steps_per_s(lambda root: adaptation_args(root, steps, batch_size), warmup)
 
 
 def plain_adaptation_steps_per_s(steps: int, warmup: int, batch_size: int) -> float:
@@ -103,16 +109,7 @@ def head_args(root: str, cache_dir: str, epochs: int, batch_size: int) -> list[s
 
 
 def tl_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> float:
-    from bench.perf import StepTimer
-    from tl_lightning.cli import run_cli
-
-    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cli = run_cli(head_args(root, cache_dir, epochs, batch_size), run=False)
-        timer = StepTimer(warmup)
-        cli.trainer.callbacks.append(timer)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return timer.steps_per_s
+    return cli_steps_per_s(lambda root: head_args(root, cache_dir, epochs, batch_size), warmup)
 
 
 def plain_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> float:
