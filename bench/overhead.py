@@ -6,6 +6,9 @@ that does the same work (same module, data loader, batch size, optimizers and th
 
 * FeatureExtraction: a linear head trained over epochs on cached features (the feature cache filled first, so
   both sides read the same tensors); the plain loop calls the module's own forward with AdamW.
+* ICaRL: the second task of the offline digits config (paper preset: sigmoid BCE with distillation targets
+  from the frozen previous model), timed over that task's steps only; the plain loop forwards the same network
+  and a frozen copy of it on the same task's loader and calls the same loss, with the module's own optimizer.
 * DomainAdaptation: the BatchNorm digit CNN with per-domain statistics, DANN's reversed gradient, two optimizers
   stepped in one manual step, DANN's per-step learning-rate annealing and λ_p ramp, k = 3 labelled targets per
   class, on the offline digit pair held in memory. The plain loop calls the same module's ``trunk``,
@@ -23,6 +26,15 @@ import lightning as L
 import torch
 
 ADAPTATION_CONFIG = "configs/adaptation/digits_offline.yaml"
+
+
+def layout_of(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module's input layout as a fit sets it up (``configure_model``: NHWC for convnets by default), so the
+    plain loop runs the same kernels."""
+    model.configure_model()
+    if model.uses_channels_last:
+        return lambda x: x.contiguous(memory_format=torch.channels_last)
+    return lambda x: x
 
 
 def adaptation_args(root: str, steps: int, batch_size: int) -> list[str]:
@@ -68,6 +80,7 @@ def plain_adaptation_steps_per_s(steps: int, warmup: int, batch_size: int) -> fl
         warnings.simplefilter("ignore")
         cli = run_cli(adaptation_args(root, steps, batch_size), run=False)  # the same module and DataModule
     model, dm = cli.model, cli.datamodule
+    layout = layout_of(model)
     L.seed_everything(0, verbose=False)
     dm.setup("fit")
     model.train()
@@ -78,6 +91,7 @@ def plain_adaptation_steps_per_s(steps: int, warmup: int, batch_size: int) -> fl
     ends: list[float] = []
     for step in range(steps):
         (x_s, y_s), (x_l, y_l), x_u = (next(streams[k]) for k in ("source", "target_labelled", "target_unlabelled"))
+        x_s, x_l, x_u = layout(x_s), layout(x_l), layout(x_u)
         parts = [model.trunk(x_s, SOURCE), model.trunk(torch.cat([x_l, x_u]), TARGET)]
         features, label_features = (torch.cat(pair) for pair in zip(*parts))
         n_s, n_l = len(x_s), len(x_l)
@@ -140,28 +154,75 @@ def plain_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size:
     return (len(timed) - 1) / (timed[-1] - timed[0])
 
 
+class _BareHead(L.LightningModule):
+    """The head's step alone in Lightning: no logging, no metrics, no callbacks (the loop's own floor)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx: int):
+        x, y = batch
+        return self.model.loss(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.head.parameters(), lr=self.model.lr, weight_decay=self.model.weight_decay)
+
+
+def bare_lightning_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> float:
+    """The same head epochs in a bare Lightning Trainer (no logger, checkpoints, progress bar or callbacks)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bench.perf import StepTimer
+    from tl_lightning.cli import run_cli
+
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = run_cli(head_args(root, cache_dir, epochs, batch_size), run=False)
+        model, dm = cli.model, cli.datamodule
+        L.seed_everything(0, verbose=False)
+        dm.setup("fit")
+        feats = model.split_features("train", dm)
+        loader = DataLoader(TensorDataset(feats["features"], feats["targets"]), batch_size=batch_size, shuffle=True)
+        timer = StepTimer(warmup)
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                            default_root_dir=root)
+        trainer.fit(_BareHead(model), loader)
+    return timer.steps_per_s
+
+
 def bench_head_overhead(rounds: int = 5, epochs: int = 5, warmup: int = 5, batch_size: int = 32):
-    from bench.perf import Row
+    from bench.perf import Row, interleaved
 
     with tempfile.TemporaryDirectory() as cache_dir:
-        tl_head_steps_per_s(cache_dir, 1, 1, batch_size)  # fills the feature cache: both sides read it warm
-        tl, plain, ratio, per_round = side_by_side({
+        tl_head_steps_per_s(cache_dir, 1, 1, batch_size)  # fills the feature cache: all sides read it warm
+        res = interleaved({
             "plain PyTorch": lambda: plain_head_steps_per_s(cache_dir, epochs, warmup, batch_size),
+            "bare Lightning": lambda: bare_lightning_head_steps_per_s(cache_dir, epochs, warmup, batch_size),
             "tl_lightning": lambda: tl_head_steps_per_s(cache_dir, epochs, warmup, batch_size)}, rounds)
+    tl, plain, ratio, per_round = ratios(res, "tl_lightning")
+    bare, _, bare_ratio, bare_rounds = ratios(res, "bare Lightning")
     return [Row("overhead", f"FeatureExtraction head epochs on cached features, tl_lightning / plain PyTorch "
                 f"(linear head on 1280-d tf_efficientnet_lite0 features, batch {batch_size}, {epochs} epochs, "
                 f"{torch.get_num_threads()} threads)", tl, plain, "steps/s", ratio, "<= 1.05",
-                f"median of {rounds} rounds: {per_round}", ratio <= 1.05)]
+                f"median of {rounds} rounds: {per_round}; a bare Lightning Trainer (no logging, metrics, "
+                f"checkpoints or callbacks) on the same step: {bare_ratio:.2f} ({bare_rounds})", ratio <= 1.05,
+                extra={"bare_lightning_steps_per_s": bare, "bare_lightning_ratio": bare_ratio})]
+
+
+def ratios(res: dict[str, list[float]], ours: str) -> tuple[float, float, float, str]:
+    """(our steps/s, plain steps/s, median time ratio ours/plain, per-round ratios) of interleaved results."""
+    per_round = [p / t for p, t in zip(res["plain PyTorch"], res[ours])]
+    return (statistics.median(res[ours]), statistics.median(res["plain PyTorch"]),
+            statistics.median(per_round), ", ".join(f"{r:.3f}" for r in per_round))
 
 
 def side_by_side(runs: dict[str, Callable[[], float]], rounds: int) -> tuple[float, float, float, str]:
     """(tl steps/s, plain steps/s, median time ratio tl/plain, per-round ratios) from interleaved rounds."""
     from bench.perf import interleaved
 
-    res = interleaved(runs, rounds)
-    per_round = [p / t for p, t in zip(res["plain PyTorch"], res["tl_lightning"])]
-    return (statistics.median(res["tl_lightning"]), statistics.median(res["plain PyTorch"]),
-            statistics.median(per_round), ", ".join(f"{r:.3f}" for r in per_round))
+    return ratios(interleaved(runs, rounds), "tl_lightning")
 
 
 def bench_adaptation_overhead(rounds: int = 5, steps: int = 40, warmup: int = 5, batch_size: int = 64):
@@ -175,3 +236,90 @@ def bench_adaptation_overhead(rounds: int = 5, steps: int = 40, warmup: int = 5,
                 f"BatchNorm, reversed gradient, 2 optimizers, batch {batch_size} + {batch_size} + 30, "
                 f"{torch.get_num_threads()} threads)", tl, plain, "steps/s", ratio, "<= 1.05",
                 f"median of {len(spread)} rounds: {per_round}", ratio <= 1.05)]
+
+
+ICARL_CONFIG = "configs/incremental/digits_offline.yaml"
+
+
+def icarl_args(root: str, epochs_per_task: int) -> list[str]:
+    """The offline iCaRL config cut to two tasks of 5 digits, no validation."""
+    return ["--config", ICARL_CONFIG, "--data.init_args.classes_per_task=5",
+            f"--model.init_args.epochs_per_task={epochs_per_task}", "--data.init_args.dataset.init_args.num_workers=0",
+            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={root}", "--seed_everything=0"]
+
+
+class _SecondTaskTimer(L.Callback):
+    """Steps/s over the second task's training batches after ``warmup`` of them."""
+
+    def __init__(self, first_epoch: int, warmup: int):
+        self.first_epoch, self.warmup, self.ends = first_epoch, warmup, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.current_epoch >= self.first_epoch:
+            self.ends.append(time.perf_counter())
+
+    @property
+    def steps_per_s(self) -> float:
+        timed = self.ends[self.warmup - 1:]
+        return (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def tl_icarl_steps_per_s(epochs_per_task: int, warmup: int) -> float:
+    from tl_lightning.cli import run_cli
+
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = run_cli(icarl_args(root, epochs_per_task), run=False)
+        timer = _SecondTaskTimer(epochs_per_task, warmup)
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return timer.steps_per_s
+
+
+def plain_icarl_steps_per_s(epochs_per_task: int, warmup: int) -> float:
+    """The second task in plain PyTorch: the same network, a frozen copy as the previous model, the same loss."""
+    import copy
+
+    from tl_lightning.cli import run_cli
+    from tl_lightning.losses import icarl_loss
+
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = run_cli(icarl_args(root, epochs_per_task), run=False)
+    model, dm = cli.model, cli.datamodule
+    assert model.loss_name == "bce", "the paper preset's loss is what this loop calls"
+    L.seed_everything(0, verbose=False)
+    dm.setup("fit")
+    dm.set_task(1)
+    seen, old = dm.seen_classes(1), dm.task_classes(1).start
+    layout = layout_of(model)
+    previous = copy.deepcopy(model.net).eval().requires_grad_(False)
+    optimizer = model.configure_optimizers()
+    model.train()
+    ends: list[float] = []
+    for _ in range(epochs_per_task):
+        for x, y in dm.train_dataloader():
+            x = layout(x)
+            logits = model.net(x)[:, :seen]
+            with torch.no_grad():
+                old_logits = previous(x)[:, :old]
+            loss = icarl_loss(logits, y, old_logits, old)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            ends.append(time.perf_counter())
+    timed = ends[warmup - 1:]
+    return (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def bench_icarl_overhead(rounds: int = 5, epochs_per_task: int = 3, warmup: int = 3):
+    from bench.perf import Row
+
+    tl, plain, ratio, per_round = side_by_side({
+        "plain PyTorch": lambda: plain_icarl_steps_per_s(epochs_per_task, warmup),
+        "tl_lightning": lambda: tl_icarl_steps_per_s(epochs_per_task, warmup)}, rounds)
+    return [Row("overhead", f"ICaRL step time in the second task, tl_lightning / plain PyTorch (digit_cnn, paper "
+                f"preset: BCE + distillation from the frozen previous model, batch 64, {epochs_per_task} epochs, "
+                f"{torch.get_num_threads()} threads)", tl, plain, "steps/s", ratio, "<= 1.05",
+                f"median of {rounds} rounds: {per_round}", ratio <= 1.05)]

@@ -7,6 +7,8 @@ Sections (``--only`` picks some):
   interleaved over rounds. Target: time ratio <= 1.05.
 * ``cache``: N epochs of FeatureExtraction with the feature cache (cold: extraction included) vs the backbone
   run every step. Target: speedup >= 0.8 N.
+* ``extraction``: images/s of a cold feature extraction from JPEG files (the real CUB subset, generated
+  Flowers-like 500x375 JPEGs) vs the raw forward of the same backbone on in-memory tensors. Target: >= 0.9.
 * ``pipeline``: train-loader images/s of each DataModule (default workers) vs the backbone's training
   images/s at the same image size. Target: loader/backbone >= 1 (the loader is not the bottleneck).
 * ``workers``: loader images/s over 2 epochs with ``num_workers`` 0 / the default / persistent or not.
@@ -22,6 +24,11 @@ Writes ``bench/results/perf.md``, ``perf.json``, ``perf.png`` (every ratio) and 
     python -m bench                      # everything: 11 minutes on 2 busy CPU cores
     python -m bench --quick              # smaller sizes, a few minutes
     python -m bench --only overhead,cache
+    python -m bench --device cuda        # on a GPU machine: overhead, ddp (all visible GPUs) and switches
+                                         # (bf16-mixed, channels_last, compile) -> bench/results/perf_cuda.md
+
+On ``--device cuda`` the sizes are a GPU's (224 px, batch 64) and every timestamp waits for the device
+(``torch.cuda.synchronize``), in the plain loop and in ``StepTimer`` alike.
 """
 from __future__ import annotations
 
@@ -45,7 +52,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SHARED = REPO.parent / "shared" / "data"
-SECTIONS = ("overhead", "cache", "pipeline", "workers", "herding", "ddp", "switches")
+SECTIONS = ("overhead", "cache", "extraction", "pipeline", "workers", "herding", "ddp", "switches")
+CUDA_SECTIONS = ("overhead", "ddp", "switches")  # the others measure host-side work
 TIMER_ENV = "TL_BENCH_STEP_TIMER"  # where a StepTimer inside a CLI subprocess writes its measurement
 
 
@@ -68,11 +76,26 @@ class Size:
     herd_budget: int = 2000
     herd_classes: int = 10
     compile: bool = True
+    device: str = "cpu"
+    num_workers: int = 0  # loader workers of the FineTune runs (both sides)
+
+    @property
+    def accelerator(self) -> str:
+        return "gpu" if self.device == "cuda" else "cpu"
 
 
 FULL = Size()
 QUICK = Size(batch_size=16, steps=6, rounds=2, cache_epochs=4, cache_per_class=10, natural_size=64,
              loader_images=96, herd_samples=1500, herd_budget=500, compile=False)
+CUDA = Size(image_size=224, batch_size=64, warmup=5, steps=40, device="cuda", num_workers=4)
+CUDA_QUICK = Size(image_size=224, batch_size=64, warmup=3, steps=10, rounds=2, compile=False, device="cuda",
+                  num_workers=4)
+
+
+def wait_for(device) -> None:
+    """Block until ``device`` finished its queued work, so that a timestamp means the step is done."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -102,6 +125,7 @@ class StepTimer(L.Callback):
         self.batch_size = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        wait_for(pl_module.device)
         self.ends.append(time.perf_counter())
         if not self.batch_size:
             x = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values()))[0]
@@ -138,7 +162,8 @@ def median(values: list[float]) -> float:
 def digits_data(size: Size, **kw):
     from tl_lightning.data import DigitsDataModule
 
-    args = dict(batch_size=size.batch_size, image_size=size.image_size, num_workers=0, backbone=size.backbone,
+    args = dict(batch_size=size.batch_size, image_size=size.image_size, num_workers=size.num_workers,
+                backbone=size.backbone,
                 val_fraction=0.1, test_fraction=0.1, seed=0)
     args.update(kw)
     return DigitsDataModule(**args)
@@ -150,8 +175,8 @@ def cli_args(size: Size, root: str, extra: tuple[str, ...] = ()) -> list[str]:
         "--model=tl_lightning.methods.FineTune", f"--model.backbone={size.backbone}", "--model.weights=bundled",
         "--model.unfreeze=no_freeze", "--model.lr_decay=1.0", "--model.lr=0.001",
         "--data=tl_lightning.data.DigitsDataModule", f"--data.batch_size={size.batch_size}",
-        f"--data.image_size={size.image_size}", "--data.num_workers=0", "--data.val_fraction=0.1",
-        "--data.test_fraction=0.1", "--trainer.accelerator=cpu", "--trainer.devices=1",
+        f"--data.image_size={size.image_size}", f"--data.num_workers={size.num_workers}", "--data.val_fraction=0.1",
+        "--data.test_fraction=0.1", f"--trainer.accelerator={size.accelerator}", "--trainer.devices=1",
         f"--trainer.max_steps={size.warmup + size.steps}", "--trainer.limit_val_batches=0",
         "--trainer.num_sanity_val_steps=0", f"--trainer.default_root_dir={root}", "--seed_everything=0", *extra,
     ]
@@ -179,16 +204,25 @@ def plain_steps_per_s(size: Size) -> float:
     dm.setup("fit")
     backbone = create_backbone(size.backbone, "bundled", num_classes=0)
     head = torch.nn.Linear(backbone.num_features, dm.num_classes)
-    model = torch.nn.Sequential(backbone, head).train()
+    model = torch.nn.Sequential(backbone, head).to(size.device).train()
+    from tl_lightning.methods.base import is_convnet
+
+    nhwc = is_convnet(backbone)  # what FineTune's default channels_last: auto does: the same kernels on both sides
+    if nhwc:
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     ends: list[float] = []
     total = size.warmup + size.steps
     while len(ends) < total:
         for x, y in dm.train_dataloader():
+            x, y = x.to(size.device, non_blocking=True), y.to(size.device, non_blocking=True)
+            if nhwc:
+                x = x.contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            wait_for(size.device)
             ends.append(time.perf_counter())
             if len(ends) == total:
                 break
@@ -203,13 +237,17 @@ def bench_overhead(size: Size) -> list[Row]:
     per_round = [p / t for p, t in zip(res["plain PyTorch"], res["tl_lightning"])]  # time per step, tl / plain
     ratio = median(per_round)  # each round's pair ran back to back: the median of their ratios
     rounds = ", ".join(f"{r:.3f}" for r in per_round)
-    from bench.overhead import bench_adaptation_overhead, bench_head_overhead
+    from bench.overhead import bench_adaptation_overhead, bench_head_overhead, bench_icarl_overhead
 
-    return [Row("overhead", f"FineTune step time, tl_lightning / plain PyTorch ({size.backbone}, "
-                f"{size.image_size} px, batch {size.batch_size}, {torch.get_num_threads()} threads)",
-                tl, plain, "steps/s", ratio, "<= 1.05", f"per round: {rounds}", ratio <= 1.05),
-            *bench_head_overhead(rounds=max(5, size.rounds)),
-            *bench_adaptation_overhead(rounds=max(5, size.rounds))]
+    where = torch.cuda.get_device_name() if size.device == "cuda" else f"{torch.get_num_threads()} threads"
+    rows = [Row("overhead", f"FineTune step time, tl_lightning / plain PyTorch ({size.backbone}, "
+                f"{size.image_size} px, batch {size.batch_size}, {where})",
+                tl, plain, "steps/s", ratio, "<= 1.05", f"per round: {rounds}", ratio <= 1.05)]
+    if size.device == "cpu":  # the cached-feature head and the digit pair: CPU-sized work
+        rows += [*bench_head_overhead(rounds=max(5, size.rounds)),
+                 *bench_adaptation_overhead(rounds=max(5, size.rounds)),
+                 *bench_icarl_overhead(rounds=max(5, size.rounds))]
+    return rows
 
 
 # ----- feature cache ----------------------------------------------------------------------------------------
@@ -444,16 +482,23 @@ def cli_images_per_s(size: Size, devices: int) -> dict:
 
 
 def bench_ddp(size: Size) -> list[Row]:
-    info: dict[int, list[dict]] = {1: [], 2: []}
+    info: dict[int, list[dict]] = {}
+    many = torch.cuda.device_count() if size.device == "cuda" else 2  # all visible GPUs, or 2 CPU processes
+    if many < 2:
+        return [Row("ddp", "FineTune images/s, DDP over all visible GPUs / 1 GPU", float("nan"), float("nan"),
+                    "img/s", float("nan"), note=f"{many} GPU visible: DDP needs 2 or more")]
 
     def run(devices: int) -> Callable[[], float]:
         def measure() -> float:
-            info[devices].append(cli_images_per_s(size, devices))
+            info.setdefault(devices, []).append(cli_images_per_s(size, devices))
             return info[devices][-1]["images_per_s"]
         return measure
 
-    res = interleaved({"1 process": run(1), "2 processes": run(2)}, max(1, size.rounds - 1))
-    one, two = median(res["1 process"]), median(res["2 processes"])
+    res = interleaved({"1 process": run(1), f"{many} processes": run(many)}, max(1, size.rounds - 1))
+    one, two = median(res["1 process"]), median(res[f"{many} processes"])
+    if size.device == "cuda":
+        return [Row("ddp", f"FineTune images/s, DDP on {many} GPUs / 1 GPU ({torch.cuda.get_device_name()}), batch "
+                    f"{size.batch_size} per process", two, one, "img/s", two / one, "", "")]
     threads = f"{info[1][0]['threads']} thread vs 2 x {info[2][0]['threads']}"
     return [Row("ddp", f"FineTune images/s, 2 CPU processes (gloo) / 1 process, batch {size.batch_size} "
                 f"per process ({threads})", two, one, "img/s", two / one, "",
@@ -502,7 +547,14 @@ class StepTimerRun:
 
 
 # ----- report -----------------------------------------------------------------------------------------------
-BENCHES = {"overhead": bench_overhead, "cache": bench_cache, "pipeline": bench_pipeline, "workers": bench_workers,
+def bench_extraction(size: Size) -> list[Row]:
+    from bench.extraction import bench_extraction as run
+
+    return run(size.cache_image_size, size.batch_size, max(2, size.rounds - 1))
+
+
+BENCHES = {"overhead": bench_overhead, "cache": bench_cache, "extraction": bench_extraction,
+           "pipeline": bench_pipeline, "workers": bench_workers,
            "herding": bench_herding, "ddp": bench_ddp, "switches": bench_switches}
 
 
@@ -574,20 +626,29 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
     parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the GPU table (overhead, ddp, switches), written to perf_cuda.md")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the in-process runs (default 1: steadier timings on a shared machine; "
                              "0 keeps torch's default)")
     args = parser.parse_args(argv)
-    only = [s for s in args.only.split(",") if s] or list(SECTIONS)
-    unknown = set(only) - set(SECTIONS)
+    sections = CUDA_SECTIONS if args.device == "cuda" else SECTIONS
+    only = [s for s in args.only.split(",") if s] or list(sections)
+    unknown = set(only) - set(sections)
     if unknown:
-        parser.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+        parser.error(f"unknown section(s) {sorted(unknown)} for --device {args.device}; choose from "
+                     f"{', '.join(sections)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible here; run it on a GPU machine")
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = QUICK if args.quick else FULL
+    if args.device == "cuda":
+        size = CUDA_QUICK if args.quick else CUDA
+    else:
+        size = QUICK if args.quick else FULL
     start = time.perf_counter()
     rows: list[Row] = []
-    tag = "_quick" if args.quick else ""
+    tag = ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
     kept = previous_rows(tag, exclude=only)  # --only re-measures some sections and keeps the others' rows
     for name in only:
         print(f"== {name}", flush=True)

@@ -46,10 +46,19 @@ def test_sync_counter_sees_every_host_conversion():
     assert counter.calls == {"item": 1, "__float__": 1, "__int__": 1, "cpu": 1, "tolist": 1, "__bool__": 1}
 
 
+def logs_after_the_first_step(steps: list[dict]) -> list[int]:
+    """``self.log`` calls of each step after the epoch's first (epoch values are handed over in the first)."""
+    assert steps[0]["logs"] > 0
+    return [s["logs"] for s in steps[1:]]
+
+
 def test_finetune_step_one_forward_and_no_sync():
-    steps = probe_fit(finetune(), digits(augment=True))
+    model = finetune()
+    steps = probe_fit(model, digits(augment=True))
     assert [s["forwards"] for s in steps] == [1] * STEPS
     assert [dict(s["syncs"]) for s in steps] == [{}] * STEPS
+    # only the per-step curves: each layer group's learning rate and the number of unfrozen groups
+    assert logs_after_the_first_step(steps) == [len(model.current_lrs()) + 1] * (STEPS - 1)
 
 
 @pytest.mark.parametrize("augment, forwards", [(False, 0), (True, 1)])
@@ -58,6 +67,55 @@ def test_feature_extraction_step_forwards_and_no_sync(tmp_path, augment, forward
     steps = probe_fit(feature_extraction(tmp_path, cache=True), digits(augment=augment))
     assert [s["forwards"] for s in steps] == [forwards] * STEPS
     assert [dict(s["syncs"]) for s in steps] == [{}] * STEPS
+    assert logs_after_the_first_step(steps) == [0] * (STEPS - 1)
+
+
+def test_domain_adaptation_step_two_forwards_and_no_per_step_logging(tmp_path):
+    """One forward per domain (per-domain BatchNorm statistics), no host sync, no ``self.log`` after the first
+    step (the epoch values stay exact: ``test_epoch_logging.py``)."""
+    from tl_lightning.data import DomainPairDataModule
+    from tl_lightning.methods import DomainAdaptation
+
+    dm = DomainPairDataModule(
+        source={"class_path": "tl_lightning.data.DigitsDataModule", "init_args": {"seed": 0}},
+        target={"class_path": "tl_lightning.data.digits.BlendedDigitsDataModule", "init_args": {"seed": 1}},
+        labelled_per_class=2, backbone="digit_cnn", batch_size=16, num_workers=0)
+    # SGD: Adam reads its step counters (CPU tensors by design, never a device sync) with .item() in its step,
+    # which runs inside a manually optimised training_step
+    model = DomainAdaptation(backbone="digit_cnn", domain_batchnorm=True, confusion="gradient_reversal",
+                             soft_label_weight=0.0, source_pretrain_epochs=0, num_classes=10,
+                             optimizer=lambda params: torch.optim.SGD(params, lr=0.01))
+    probe = StepProbe(backbone=model.features)
+    trainer = L.Trainer(max_steps=2 * STEPS, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu",
+                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[probe], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)  # two optimizers: two steps a batch
+    assert len(probe.steps) == STEPS
+    assert [s["forwards"] for s in probe.steps] == [2] * STEPS
+    assert [dict(s["syncs"]) for s in probe.steps] == [{}] * STEPS
+    assert logs_after_the_first_step(probe.steps) == [0] * (STEPS - 1)
+
+
+def test_icarl_step_one_forward_of_the_network_and_no_per_step_logging(tmp_path):
+    from tl_lightning.data.incremental import ClassIncrementalDataModule
+    from tl_lightning.methods import ICaRL
+
+    dm = ClassIncrementalDataModule(DigitsDataModule(num_workers=0, samples_per_class=20, batch_size=16),
+                                    classes_per_task=5, eval_samples_per_class=4, backbone="digit_cnn")
+    model = ICaRL(backbone="digit_cnn", weights="none", epochs_per_task=1, memory_budget=10,
+                  num_classes=dm.num_classes, class_names=dm.class_names)
+    probe = StepProbe(backbone=model.net.backbone)
+    trainer = L.Trainer(limit_train_batches=STEPS, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu",
+                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[probe], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)  # two tasks of one epoch each
+    first, second = probe.steps[:STEPS], probe.steps[STEPS:]
+    assert len(second) == STEPS
+    # the previous model (a frozen copy, distilled from in the second task) is not the network counted here
+    assert model.previous_model is not None
+    assert [s["forwards"] for s in probe.steps] == [1] * 2 * STEPS
+    assert [dict(s["syncs"]) for s in probe.steps] == [{}] * 2 * STEPS
+    assert logs_after_the_first_step(first) == logs_after_the_first_step(second) == [0] * (STEPS - 1)
 
 
 class WastefulFineTune(FineTune):

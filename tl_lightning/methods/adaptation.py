@@ -363,8 +363,7 @@ class DomainAdaptation(TransferModule):
         return self.confusion_weight * dann_lambda(self.progress(done))
 
     def _log(self, name: str, value, batch_size: int) -> None:
-        self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size,
-                 prog_bar=name in ("loss", "domain_acc"), sync_dist=True)
+        self.log_epoch_mean(f"train/{name}", value, batch_size, prog_bar=name in ("loss", "domain_acc"))
 
     def _log_acc(self, name: str, logits: torch.Tensor, y: torch.Tensor) -> None:
         if not self.multilabel and len(y):
@@ -463,8 +462,8 @@ class DomainAdaptation(TransferModule):
         label = SOURCE if domain == "source" else TARGET
         features, label_features = self.trunk(x, label)
         logits = self.classifier(label_features)
-        self.log(f"{stage}/{domain}_loss", task_loss(logits, y, self.multilabel), on_epoch=True,
-                 add_dataloader_idx=False, batch_size=len(y), sync_dist=True)
+        self.log_epoch_mean(f"{stage}/{domain}_loss", task_loss(logits, y, self.multilabel), len(y),
+                            add_dataloader_idx=False)
         if stage == "val" and not self.multilabel:  # DEV reads target images, never their labels
             self._dev_parts.setdefault(f"{domain}_features", []).append(label_features.detach().float())
             if domain == "source":
@@ -472,7 +471,8 @@ class DomainAdaptation(TransferModule):
                     F.cross_entropy(logits.detach().float(), y, reduction="none"))
         metrics = self.eval_metrics[f"{stage}_{domain}"]
         metrics.update(logits, y.long() if self.multilabel else y)
-        self.log_dict(metrics, on_epoch=True, add_dataloader_idx=False, prog_bar=domain == "target")
+        self.log_metric_objects(f"{stage}/{domain}_metrics", metrics, add_dataloader_idx=False,
+                                prog_bar=domain == "target")
         domain_logits = self.domain_classifier(features)
         self.domain_metrics[stage].update(domain_logits, torch.full((len(y),), label, device=self.device))
 
@@ -485,6 +485,7 @@ class DomainAdaptation(TransferModule):
         self._eval_step("val", batch, dataloader_idx)
 
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self._dev_parts = {}
 
     def on_validation_epoch_end(self) -> None:

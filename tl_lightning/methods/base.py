@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from tl_lightning.errors import TLError
+from tl_lightning.methods.epoch_logging import EpochLogging
 from tl_lightning.metrics import MultilabelVOCAveragePrecision
 
 STAGES = ("train", "val", "test")
@@ -56,7 +57,7 @@ def is_convnet(module: nn.Module) -> bool:
     return spatial_conv and not attention
 
 
-class TransferModule(L.LightningModule):
+class TransferModule(EpochLogging, L.LightningModule):
     """Base LightningModule: task facts come from the DataModule (linked by the CLI)."""
 
     def __init__(
@@ -163,21 +164,18 @@ class TransferModule(L.LightningModule):
         return task_loss(logits, targets, self.multilabel)
 
     def log_metrics(self, stage: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Update the stage's metrics with a batch; they are logged as epoch values (``EpochLogging``)."""
         metrics = self.metrics[f"{stage}_"]
-        if self.multilabel:
-            metrics.update(logits, targets.long())
-        else:
-            metrics.update(logits, targets)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        metrics.update(logits, targets.long() if self.multilabel else targets)
+        self.log_metric_objects(f"{stage}/metrics", metrics, prog_bar=stage != "train")
 
     def supervised_step(self, stage: str, batch, forward=None) -> torch.Tensor:
         """Forward a labelled ``(x, y)`` batch (through ``forward``, default the module), log ``<stage>/loss``
-        and the stage's metrics, return the loss."""
+        and the stage's metrics as epoch means (over all DDP processes), return the loss."""
         x, y = batch
         logits = (forward or self)(x)
         loss = self.loss(logits, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "train",
-                 sync_dist=True)  # the mean over all DDP processes (a no-op on one)
+        self.log_epoch_mean(f"{stage}/loss", loss, len(y), prog_bar=stage == "train")
         self.log_metrics(stage, logits, y)
         return loss
 

@@ -196,6 +196,7 @@ class ICaRL(TransferModule):
         self._catch_up(self._resume_epoch // self.epochs_per_task)
 
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
         expected = self.current_epoch // self.epochs_per_task
         if expected != self.task:  # e.g. max_epochs cut a task short and training continues
             self._catch_up(expected)
@@ -368,7 +369,7 @@ class ICaRL(TransferModule):
         seen, old = dm.seen_classes(self.task), dm.task_classes(self.task).start
         logits = self.net(x)
         loss = self.representation_loss(logits[:, :seen], y, x, old)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_epoch_mean("train/loss", loss, len(y), prog_bar=True)
         self.log_metrics("train", self._seen_logits(logits.detach(), seen), y)
         return loss
 
@@ -391,11 +392,11 @@ class ICaRL(TransferModule):
         seen = self.dm.seen_classes(self.task)
         feats = self.net.embed(x)
         logits = self.net.head(feats)
-        self.log(f"{stage}/loss", F.cross_entropy(logits[:, :seen], y), on_step=False, on_epoch=True, sync_dist=True)
+        self.log_epoch_mean(f"{stage}/loss", F.cross_entropy(logits[:, :seen], y), len(y))
         self.log_metrics(stage, self._seen_logits(logits, seen), y)
         if stage == "test" and self.means is not None:
             nme = (nme_scores(feats, self.means[:seen]).argmax(1) == y).float().mean()
-            self.log("test/nme_acc", nme, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+            self.log_epoch_mean("test/nme_acc", nme, len(y))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch)
