@@ -28,6 +28,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from bench.memory import PeakPSS, supported
+
 from tl_lightning.backbones import DEFAULT_BACKBONE, create_backbone
 from tl_lightning.data import (CUB200DataModule, Flowers102DataModule, MNISTDataModule, MNISTMDataModule,
                                SVHNDataModule, VOC2007DataModule)
@@ -46,10 +48,12 @@ def accuracy_run(dm, epochs: int, cache_dir: str, lr: float = 3e-3) -> dict:
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    test = trainer.test(model, datamodule=dm, verbose=False)[0]
+    with PeakPSS(os.getpid()) as pss:  # this process and its loader workers
+        trainer.fit(model, datamodule=dm)
+        test = trainer.test(model, datamodule=dm, verbose=False)[0]
     sizes = {k: len(v) for k, v in dm.splits.items()}
-    return {"acc": test["test/acc"], "sizes": sizes, "seconds": time.perf_counter() - start}
+    return {"acc": test["test/acc"], "sizes": sizes, "seconds": time.perf_counter() - start,
+            "peak_pss_mb": round(pss.peak / 2**20) if supported() else None}
 
 
 def limit_eval_splits(dm, n_test: int, n_val: int) -> None:
@@ -163,13 +167,13 @@ def main(argv=None) -> None:
         lines += ["## Feature-extraction test accuracy (real data)", "",
                   "Frozen Lite0, penultimate features (1280-d), linear head (AdamW, lr 3e-3, weight decay 1e-4), "
                   "features extracted once and cached; test accuracy of the last epoch's head.", "",
-                  "| data set | input | train / val / test | epochs | test accuracy | wall time |",
-                  "|---|---|---|---|---|---|"]
+                  "| data set | input | train / val / test | epochs | test accuracy | wall time | peak PSS |",
+                  "|---|---|---|---|---|---|---|"]
         for name, res, size, epochs in (("CUB-200-2011, 10-class subset", cub_res, "224 px", 40 if not args.quick else 20),
                                         ("MNIST subset", mnist_res, "64 px", 30 if not args.quick else 15)):
             s = res["sizes"]
             lines.append(f"| {name} | {size} | {s['train']} / {s['val']} / {s['test']} | {epochs} | "
-                         f"{100 * res['acc']:.1f}% | {res['seconds']:.0f} s |")
+                         f"{100 * res['acc']:.1f}% | {res['seconds']:.0f} s | {res['peak_pss_mb'] or '-'} MB |")
         lines.append("")
         print("\n".join(lines[-6:]), flush=True)
 

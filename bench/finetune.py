@@ -21,6 +21,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from bench.memory import PeakPSS, supported
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 DATA_DIR = REPO.parent / "shared" / "data" / "CUB_200_2011_subset10"
@@ -83,8 +85,11 @@ def run_recipe(name: str, model_class: str, model_args: dict, args, index: int) 
     config = run_dir / "bench.yaml"
     config.write_text(config_yaml(model_class, model_args, args, run_dir))
     print(f"\n=== {name}", flush=True)
-    main(["fit", "--config", str(config)])
-    return read_row(name, run_dir)
+    with PeakPSS(os.getpid()) as pss:  # this process (the run is in-process) and its loader workers
+        main(["fit", "--config", str(config)])
+    row = read_row(name, run_dir)
+    row["peak_pss_mb"] = round(pss.peak / 2**20) if supported() else None
+    return row
 
 
 def read_row(name: str, run_dir: Path) -> dict:
@@ -104,12 +109,12 @@ def write_table(rows: list[dict], args, path: Path) -> str:
                 "only roughly comparable), seed 0. Wall time = fit + test of the best checkpoint; every row is "
                 "its own CLI run, all rows measured side by side in one process.")
     lines = [f"Settings: {settings}", "",
-             "| recipe | test acc | best val acc | wall time (s) | time vs. linear probe |",
-             "|---|---|---|---|---|"]
+             "| recipe | test acc | best val acc | wall time (s) | time vs. linear probe | peak PSS (MB) |",
+             "|---|---|---|---|---|---|"]
     base = rows[0]["wall_s"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['test_acc']:.3f} | {r['best_val_acc']:.3f} | {r['wall_s']:.0f} | "
-                     f"{r['wall_s'] / base:.1f}x |")
+                     f"{r['wall_s'] / base:.1f}x | {r.get('peak_pss_mb') or '-'} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

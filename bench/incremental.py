@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.memory import PeakPSS, supported
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SHARED = REPO.parent / "shared" / "data"
@@ -65,11 +67,19 @@ def run_one(config: str, overrides: tuple, method: str, seed: int, run_dir: str,
     args = ["fit", "--config", config, *METHODS[method][0], *overrides, *QUIET, f"--seed_everything={seed}",
             f"--data.class_order_seed={seed}", f"--trainer.default_root_dir={run_dir}"]
     start = time.perf_counter()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), PeakPSS(os.getpid()) as pss:
         main(args)
     report = json.loads((Path(run_dir) / "incremental.json").read_text())
     report["wall_s"] = time.perf_counter() - start
+    report["peak_pss_mb"] = round(pss.peak / 2**20) if supported() else None
     return report
+
+
+def peak_pss(runs: list[dict]) -> str:
+    """The largest peak PSS of the runs (the bench process and its workers; runs measured before it was recorded
+    have none)."""
+    peaks = [r["peak_pss_mb"] for r in runs if r.get("peak_pss_mb")]
+    return str(max(peaks)) if peaks else "-"
 
 
 def mean_std(values) -> str:
@@ -92,8 +102,9 @@ def write_table(results: dict, args, seconds: float) -> str:
         f"(cached features) + 256-d neck, transfer preset (softmax CE + KD), {args.cub_epochs} epochs per task, "
         "5 tasks x 2 classes.",
         "",
-        "| data | method | classifier | avg inc. acc (%) | last acc (%) | forgetting (%) | runs | s/run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data | method | classifier | avg inc. acc (%) | last acc (%) | forgetting (%) | runs | s/run | "
+        "peak PSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for data, methods in results.items():
         for method, runs in methods.items():
@@ -104,7 +115,7 @@ def write_table(results: dict, args, seconds: float) -> str:
                 lines.append(
                     f"| {data} | {method} | {clf.upper()} | {mean_std([x['average_incremental_accuracy'] for x in s])}"
                     f" | {mean_std([x['last_accuracy'] for x in s])} | {mean_std([x['forgetting'] for x in s])}"
-                    f" | {len(runs)} | {np.mean([r['wall_s'] for r in runs]):.0f} |")
+                    f" | {len(runs)} | {np.mean([r['wall_s'] for r in runs]):.0f} | {peak_pss(runs)} |")
     lines += ["", f"Total wall time {seconds / 60:.1f} min on a shared 2-core CPU (nice'd, 1 torch thread).",
               "![accuracy vs classes seen](incremental.png)", ""]
     return "\n".join(lines)

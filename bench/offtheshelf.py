@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.memory import run_with_peak_pss
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 CONFIG = "configs/feature_extraction/cub200.yaml"
@@ -74,15 +76,19 @@ def run_row(name: str, cache: str, overrides: list[str]) -> dict:
            f"--trainer.default_root_dir={run_dir}"]
     entries = cache_entries(cache)
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:  # to a file, not a pipe: the PSS sampler waits on the process
+        proc, peak = run_with_peak_pss(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - started
     extracted = cache_entries(cache) - entries
     if proc.returncode != 0:
-        raise SystemExit(f"row '{name}' failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"row '{name}' failed (log {log}):\n{log.read_text()[-3000:]}")
     m = json.loads((run_dir / "metrics.json").read_text())
     fit = m.get("head_fit", {})
     return {"name": name, "cache": cache, "overrides": overrides, "test_acc": m["metrics"]["test/acc"],
-            "wall_s": round(seconds, 1), "extracted": extracted, "cli_wall_s": m["wall_time_s"], "recipe": m.get("summary", {}).get("recipe"),
+            "wall_s": round(seconds, 1), "peak_pss_mb": None if peak is None else round(peak / 2**20),
+            "extracted": extracted, "cli_wall_s": m["wall_time_s"], "recipe": m.get("summary", {}).get("recipe"),
             "head_fit": {k: v for k, v in fit.items() if not k.endswith("_grid") and k != "val_scores"},
             "recipe_selection": m.get("recipe_selection")}
 
@@ -97,8 +103,8 @@ def table(rows: list[dict]) -> str:
         "other jobs, no GPU. Wall time = the whole `fit` command (start-up, extraction on a cold cache, head "
         "fit, test).",
         "",
-        "| row | test acc (%) | wall time (s) | chosen / fitted | feature cache |",
-        "|---|---|---|---|---|",
+        "| row | test acc (%) | wall time (s) | peak PSS (MB) | chosen / fitted | feature cache |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         fit = r["head_fit"]
@@ -109,7 +115,9 @@ def table(rows: list[dict]) -> str:
         mark = " **(best fixed)**" if best is not None and r is best else ""
         cache = (f"cold: extracted {r['extracted']} (split, read-out, view) entries" if r["extracted"]
                  else "warm: every entry cached")
-        lines.append(f"| {r['name']}{mark} | {100 * r['test_acc']:.1f} | {r['wall_s']:.0f} | {chosen} | {cache} |")
+        pss = r.get("peak_pss_mb")
+        lines.append(f"| {r['name']}{mark} | {100 * r['test_acc']:.1f} | {r['wall_s']:.0f} | "
+                     f"{'-' if pss is None else pss} | {chosen} | {cache} |")
     cost = {r["name"]: r for r in rows if r["name"].startswith("cost: ")}
     if len(cost) == len(TIMING):
         wall = {name: cost[name]["wall_s"] for name, _, _ in TIMING}

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.memory import PeakPSS, supported
 from tl_lightning.data.base import open_image
 from tl_lightning.data.files import list_images
 from tl_lightning.data.report import find_unreadable
@@ -76,12 +77,14 @@ def run_cli(*args) -> None:
 def fit(name: str, work: Path, data_args: list[str], quick: bool) -> dict:
     run = work / name
     t = time.perf_counter()
-    run_cli("fit", "--config", "configs/feature_extraction/image_folder.yaml", *data_args,
-            f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-            "--trainer.enable_model_summary=false", f"--trainer.max_epochs={10 if quick else 30}",
-            f"--data.image_size={128 if quick else 224}")
+    with PeakPSS(os.getpid()) as pss:  # this process (the run is in-process) and its loader workers
+        run_cli("fit", "--config", "configs/feature_extraction/image_folder.yaml", *data_args,
+                f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+                "--trainer.enable_model_summary=false", f"--trainer.max_epochs={10 if quick else 30}",
+                f"--data.image_size={128 if quick else 224}")
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["wall_s"] = time.perf_counter() - t
+    metrics["peak_pss_mb"] = round(pss.peak / 2**20) if supported() else None
     metrics["run"] = run
     return metrics
 
@@ -149,13 +152,13 @@ def main(argv=None) -> None:
         lines.append(f"| {name} | {s:.2f} | {len(paths) / s:,.0f} | {full / s:.1f}x faster |" if s != full else
                      f"| {name} | {s:.2f} | {len(paths) / s:,.0f} | 1.0x |")
     lines += ["", "## End to end (FeatureExtraction: frozen EfficientNet-Lite0 + linear head)", "",
-              "| DataModule | split | train / val / test images | test acc | wall time (s) |",
-              "|---|---|---|---:|---:|"]
+              "| DataModule | split | train / val / test images | test acc | wall time (s) | peak PSS (MB) |",
+              "|---|---|---|---:|---:|---:|"]
     for name, m, split in (("ImageFolderDataModule", folder, "random stratified 70/10/20"),
                            ("CSVDataModule", csv_run, "official train/test, val carved 10%")):
         n = {s: sum(v) for s, v in m["data_report"]["images_per_class"].items()}
         lines.append(f"| {name} | {split} | {n['train']} / {n['val']} / {n['test']} | "
-                     f"{m['metrics']['test/acc']:.3f} | {m['wall_s']:.0f} |")
+                     f"{m['metrics']['test/acc']:.3f} | {m['wall_s']:.0f} | {m['peak_pss_mb'] or '-'} |")
     lines += ["", f"`predict` (CSV run's best checkpoint) on {len(predictions)} held-out photos (every 10th of the "
               f"official test split) copied into a new folder wrote `predictions.csv` in {predict_s:.0f} s; "
               f"{correct}/{len(predictions)} predicted class names are right.", ""]
