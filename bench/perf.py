@@ -232,7 +232,7 @@ def plain_steps_per_s(size: Size) -> float:
 
 def bench_overhead(size: Size) -> list[Row]:
     res = interleaved({"plain PyTorch": lambda: plain_steps_per_s(size),
-                       "tl_lightning": lambda: tl_steps_per_s(size)}, size.rounds)
+                       "tl_lightning": lambda: tl_steps_per_s(size)}, max(5, size.rounds))
     plain, tl = median(res["plain PyTorch"]), median(res["tl_lightning"])
     per_round = [p / t for p, t in zip(res["plain PyTorch"], res["tl_lightning"])]  # time per step, tl / plain
     ratio = median(per_round)  # each round's pair ran back to back: the median of their ratios
