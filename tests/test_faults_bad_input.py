@@ -21,6 +21,9 @@ def nothing_under(root: Path) -> bool:
     ("--model.lr=fast", "error: --model.lr=fast is not a valid float for FeatureExtraction's lr"),
     ("--model.lrr=1", "error: --model.lrr is not an option of FeatureExtraction; did you mean --model.lr?"),
     ("--data.batch_size=-4", "error: --data.batch_size must be a positive number of samples per batch, got -4"),
+    ("--model.channels_last=maybe",  # a union of bool and a literal: every accepted value is named
+     "error: --model.channels_last=maybe is not accepted by FeatureExtraction's channels_last; give one of: true, "
+     "false, auto."),
 ])
 def test_bad_values_name_the_option(tmp_path, capsys, flag, expected):
     root = tmp_path / "exp"

@@ -11,7 +11,8 @@ import difflib
 import importlib
 import inspect
 import re
-from typing import Optional, Sequence
+import typing
+from typing import Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -74,6 +75,55 @@ def _parameters(class_path: str) -> list[str]:
     return sorted(set(names))
 
 
+def _annotation(class_path: str, key: str):
+    """The type hint of ``class_path``'s ``__init__`` parameter ``key`` (None where it can't be read)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # an unresolvable hint: no list of values, the generic sentence stays
+            continue
+        if key in hints:
+            return hints[key]
+    return None
+
+
+def accepted_values(annotation) -> Optional[list[str]]:
+    """The values a ``bool``/``Literal``/``None`` union accepts, as written on a command line; None for others."""
+    values: list[str] = []
+    todo = [annotation]
+    while todo:
+        hint = todo.pop(0)
+        origin = typing.get_origin(hint)
+        if origin is Union:
+            todo[:0] = list(typing.get_args(hint))
+        elif origin is Literal:
+            values += [str(v) for v in typing.get_args(hint)]
+        elif hint is bool:
+            values += ["true", "false"]
+        elif hint is type(None):
+            values.append("null")
+        else:
+            return None
+    return values or None
+
+
+def _given(argv: Sequence[str], key: str) -> Optional[str]:
+    """The value given for ``key`` on the command line (``--group[.init_args].key=value``), if any."""
+    for arg in reversed(list(argv)):
+        name, sep, value = arg.partition("=")
+        if sep and arg.startswith("--") and name.rsplit(".", 1)[-1] == key:
+            return value
+    return None
+
+
 def explain(message: str, argv: Sequence[str]) -> str:
     """One sentence for a parser error ``message`` (the command line ``argv`` helps name the option or file)."""
     text = str(message).strip()
@@ -92,6 +142,11 @@ def explain(message: str, argv: Sequence[str]) -> str:
         hint = f"did you mean --{group}.{close[0]}?" if close else f"check the spelling {_HELP}"
         return f"--{group}.{key} is not an option of {owner}; {hint}"
     inner = _INNER_KEY.search(text[top.end():] if top else text)
+    choices = accepted_values(_annotation(cls.group(1), inner.group(1))) if inner and cls else None
+    if choices:
+        key, value = inner.group(1), _given(argv, inner.group(1))
+        given = f"--{group}.{key}={value}" if value is not None else f"{group}.{key}"
+        return f"{given} is not accepted by {owner}'s {key}; give one of: {', '.join(choices)}."
     expected = _EXPECTED.search(text)
     if inner and expected:
         key = inner.group(1)
