@@ -191,7 +191,10 @@ def main(argv=None) -> None:
                     if time.perf_counter() - started > 60 * args.budget_min:
                         print(f"time budget reached: skipping {data} / {method} / seed {seed}", flush=True)
                         continue
-                    run_dir = os.path.join(tmp, f"{data[:5]}_{method[:8]}_{seed}".replace(" ", "_"))
+                    # the whole method name: "iCaRL K=200" and "iCaRL K=2000" cut to 8 characters were one folder,
+                    # which the CLI refuses to overwrite
+                    slug = "".join(c if c.isalnum() else "_" for c in f"{data}_{method}_{seed}")
+                    run_dir = os.path.join(tmp, slug)
                     report = run_one(config, overrides, method, seed, run_dir, log)
                     results[data][method].append(report)
                     clfs = METHODS[method][1]

@@ -132,11 +132,14 @@ def main(argv=None) -> None:
     for r in test_rows:
         shutil.copy(cub / "images" / r["path"], new / os.path.basename(r["path"]))
     truth = {os.path.basename(r["path"]): r["label"] for r in test_rows}
+    # a fitted head (the config's auto recipe: logistic or SVM) never steps an optimizer, so no best-by-validation
+    # checkpoint is written; its one epoch's last.ckpt holds the fitted head
+    ckpt = csv_run["best_checkpoint"] or str(csv_run["run"] / "checkpoints" / "last.ckpt")
     t = time.perf_counter()
     run_cli("predict", "--config", "configs/feature_extraction/image_folder.yaml", *csv_args,
             f"--data.image_size={128 if args.quick else 224}", f"--trainer.default_root_dir={csv_run['run']}",
-            "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--ckpt_path",
-            csv_run["best_checkpoint"], f"--data.predict_dir={new}")
+            "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--ckpt_path", ckpt,
+            f"--data.predict_dir={new}")
     predict_s = time.perf_counter() - t
     with open(csv_run["run"] / "predictions.csv") as f:
         predictions = list(csv.DictReader(f))
@@ -159,7 +162,7 @@ def main(argv=None) -> None:
         n = {s: sum(v) for s, v in m["data_report"]["images_per_class"].items()}
         lines.append(f"| {name} | {split} | {n['train']} / {n['val']} / {n['test']} | "
                      f"{m['metrics']['test/acc']:.3f} | {m['wall_s']:.0f} | {m['peak_pss_mb'] or '-'} |")
-    lines += ["", f"`predict` (CSV run's best checkpoint) on {len(predictions)} held-out photos (every 10th of the "
+    lines += ["", f"`predict` (CSV run's checkpoint) on {len(predictions)} held-out photos (every 10th of the "
               f"official test split) copied into a new folder wrote `predictions.csv` in {predict_s:.0f} s; "
               f"{correct}/{len(predictions)} predicted class names are right.", ""]
     (RESULTS / "own_data.md").write_text("\n".join(lines))
