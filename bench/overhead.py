@@ -140,8 +140,8 @@ def tl_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: in
     return timer.steps_per_s, median_step_rate(timer.ends, warmup)
 
 
-def plain_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> tuple[float, float]:
-    """The same head epochs in plain PyTorch: the module's own forward on the same cached features, AdamW."""
+def head_model_and_loader(cache_dir: str, epochs: int, batch_size: int):
+    """The CLI's FeatureExtraction module and a shuffled loader over its cached train features (warm cache)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from tl_lightning.cli import run_cli
@@ -152,8 +152,13 @@ def plain_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size:
     model, dm = cli.model, cli.datamodule
     L.seed_everything(0, verbose=False)
     dm.setup("fit")
-    feats = model.split_features("train", dm)  # from the warm cache
-    loader = DataLoader(TensorDataset(feats["features"], feats["targets"]), batch_size=batch_size, shuffle=True)
+    feats = model.split_features("train", dm)
+    return model, DataLoader(TensorDataset(feats["features"], feats["targets"]), batch_size=batch_size, shuffle=True)
+
+
+def plain_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> tuple[float, float]:
+    """The same head epochs in plain PyTorch: the module's own forward on the same cached features, AdamW."""
+    model, loader = head_model_and_loader(cache_dir, epochs, batch_size)
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=model.lr, weight_decay=model.weight_decay)
     model.train()
     ends: list[float] = []
@@ -185,20 +190,12 @@ class _BareHead(L.LightningModule):
 
 def bare_lightning_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> tuple[float, float]:
     """The same head epochs in a bare Lightning Trainer (no logger, checkpoints, progress bar or callbacks)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     from bench.perf import StepTimer
-    from tl_lightning.cli import run_cli
 
+    model, loader = head_model_and_loader(cache_dir, epochs, batch_size)
+    timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cli = run_cli(head_args(root, cache_dir, epochs, batch_size), run=False)
-        model, dm = cli.model, cli.datamodule
-        L.seed_everything(0, verbose=False)
-        dm.setup("fit")
-        feats = model.split_features("train", dm)
-        loader = DataLoader(TensorDataset(feats["features"], feats["targets"]), batch_size=batch_size, shuffle=True)
-        timer = StepTimer(warmup)
         trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                             default_root_dir=root)
