@@ -1,194 +1,194 @@
-"""Fine-tuning recipes side by side on the real CUB-200-2011 subset, bundled ImageNet EfficientNet-Lite0.
+"""Fine-tuning recipes side by side on the real CUB-200-2011 subset, bundled ImageNet EfficientNet-Lite0, 224 px.
 
-Rows (same epoch budget, data, image size, optimizer and cosine schedule for each):
-feature extraction (linear probe on cached frozen features), ``freeze`` (head only, backbone run every step),
-``freeze_unfreeze``, ``gradual`` (ULMFiT), LP-FT (Kumar et al. 2022: L-BFGS probe, then all groups at a
-uniform small rate), and full fine-tuning with and without discriminative learning rates (1/2.6 per stage).
-Each row runs through the real CLI (``fit`` + test of the best checkpoint) and reads ``metrics.json``.
-Writes ``bench/results/finetune.md`` and ``bench/results/finetune.png``.
+Every row runs a shipped config through the CLI in its own process (``python -m tl_lightning fit --config ...
+[overrides]``: fit, then test of the best checkpoint) and reads its ``metrics.json``:
 
-    python -m bench.finetune            # 64 px, 4 epochs, all 270 training images
-    python -m bench.finetune --image_size 128 --epochs 6   # closer to the usual setting, when time allows
-    python -m bench.finetune --quick    # 64 px, 2 epochs, 5 training images per class
+* the linear probe: ``configs/feature_extraction/cub200.yaml`` as shipped (frozen features, the recipe chosen on
+  val: an L-BFGS logistic probe on this subset, Kornblith et al. 2019), the best off-the-shelf recipe;
+* ``configs/finetune/cub200.yaml`` as shipped (the README command);
+* the same config with the unfreeze strategy (and, for LP-FT and uniform-rate fine-tuning, the rates) overridden:
+  ``freeze`` (head only, the backbone runs every step), ``freeze_unfreeze``, ``gradual`` (ULMFiT), LP-FT (Kumar
+  et al. 2022: L-BFGS probe, then every group at one small rate), and full fine-tuning with one uniform rate and
+  with discriminative rates (1/2.6 per stage).
+
+Every fine-tuning row shares the shipped config's resolution (the backbone's own 224 px), augmentation, epochs,
+optimizer and schedule. A row is kept by ``--resume`` when its command is unchanged; a killed run resumes there.
+
+    python -m bench.finetune            # writes bench/results/finetune.{json,md,png}
+    python -m bench.finetune --resume   # keeps the finished rows whose command is unchanged
+    python -m bench.finetune --quick    # 64 px, 2 epochs, 5 training images per class: a smoke run
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import shutil
-import tempfile
-import warnings
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from bench.memory import PeakPSS, supported
+from bench.memory import run_with_peak_pss
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-DATA_DIR = REPO.parent / "shared" / "data" / "CUB_200_2011_subset10"
+DATA = REPO.parent / "shared" / "data" / "CUB_200_2011_subset10" / "CUB_200_2011"
+FT_CONFIG = "configs/finetune/cub200.yaml"
+FE_CONFIG = "configs/feature_extraction/cub200.yaml"
 RUNS = REPO / "runs" / "bench_finetune"
-
-HEAD_LR = 3e-3
 UNIFORM_LR = 3e-4  # one rate for every group: a usual full fine-tuning rate for AdamW
-DECAY = 1 / 2.6
+QUICK = ["--trainer.max_epochs=2", "--model.scheduler.init_args.T_max=2", "--data.image_size=64",
+         "--data.samples_per_class=5"]
 
 
-def recipes(epochs: int) -> list[tuple[str, str, dict]]:
-    """(row name, model class, model init_args)."""
-    finetune = "tl_lightning.methods.FineTune"
-    staged = max(1, epochs // 3)
+def strategy(class_name: str, **init_args) -> str:
+    return "--model.unfreeze=" + json.dumps({"class_path": f"tl_lightning.callbacks.unfreeze.{class_name}",
+                                             "init_args": init_args})
+
+
+def rows(epochs: int) -> list[tuple[str, str, list[str]]]:
+    """(row name, config, CLI overrides)."""
+    staged = max(1, epochs // 4)
     return [
-        ("feature extraction (linear probe)", "tl_lightning.methods.FeatureExtraction", {"lr": HEAD_LR}),
-        ("freeze (head only)", finetune, {"unfreeze": "freeze", "lr": HEAD_LR}),
-        (f"freeze_unfreeze (all at epoch {staged}), discr. lr", finetune,
-         {"unfreeze": {"class_path": "tl_lightning.callbacks.unfreeze.FreezeUnfreeze",
-                       "init_args": {"unfreeze_at_epoch": staged}}, "lr": HEAD_LR, "lr_decay": DECAY}),
-        ("gradual (1 stage/epoch from epoch 1), discr. lr", finetune,
-         {"unfreeze": "gradual", "lr": HEAD_LR, "lr_decay": DECAY}),
-        (f"LP-FT (L-BFGS probe, then all at {UNIFORM_LR:g})", finetune,
-         {"unfreeze": "lp_ft", "lr": UNIFORM_LR, "lr_decay": 1.0}),
-        (f"full fine-tuning, uniform lr {UNIFORM_LR:g}", finetune,
-         {"unfreeze": "no_freeze", "lr": UNIFORM_LR, "lr_decay": 1.0}),
-        ("full fine-tuning, discr. lr (1/2.6 per stage)", finetune,
-         {"unfreeze": "no_freeze", "lr": HEAD_LR, "lr_decay": DECAY}),
+        ("linear probe: shipped feature-extraction config (auto)", FE_CONFIG, []),
+        ("shipped fine-tuning config (milestones, README command)", FT_CONFIG, []),
+        ("freeze (head only)", FT_CONFIG, ["--model.unfreeze=freeze"]),
+        (f"freeze_unfreeze (all at epoch {staged}), discr. lr", FT_CONFIG,
+         [strategy("FreezeUnfreeze", unfreeze_at_epoch=staged)]),
+        ("gradual (1 stage/epoch from epoch 1), discr. lr", FT_CONFIG, ["--model.unfreeze=gradual"]),
+        (f"LP-FT (L-BFGS probe, then all at {UNIFORM_LR:g})", FT_CONFIG,
+         ["--model.unfreeze=lp_ft", f"--model.lr={UNIFORM_LR:g}", "--model.lr_decay=1.0"]),
+        (f"full fine-tuning, uniform lr {UNIFORM_LR:g}", FT_CONFIG,
+         ["--model.unfreeze=no_freeze", f"--model.lr={UNIFORM_LR:g}", "--model.lr_decay=1.0"]),
+        ("full fine-tuning, discr. lr (1/2.6 per stage)", FT_CONFIG, ["--model.unfreeze=no_freeze"]),
     ]
 
 
-def config_yaml(model_class: str, model_args: dict, args, run_dir: Path) -> str:
+def shipped_epochs() -> int:
     import yaml
 
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {"default_root_dir": str(run_dir), "max_epochs": args.epochs, "accelerator": "cpu", "devices": 1,
-                    "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
-                    "log_every_n_steps": 1},
-        "model": {"class_path": model_class,
-                  "init_args": {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "weight_decay": 1e-4,
-                                "optimizer": {"class_path": "torch.optim.AdamW"},
-                                "scheduler": {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
-                                              "init_args": {"T_max": args.epochs}},
-                                **model_args}},
-        "data": {"class_path": "tl_lightning.data.cub200.CUB200DataModule",
-                 "init_args": {"data_dir": str(args.data_dir), "batch_size": 32, "num_workers": args.workers,
-                               "val_fraction": 0.1, "seed": 0, "image_size": args.image_size, "augment": False,
-                               "samples_per_class": args.samples_per_class}},
-    }
-    return yaml.safe_dump(cfg, sort_keys=False)
+    return int(yaml.safe_load((REPO / FT_CONFIG).read_text())["trainer"]["max_epochs"])
 
 
-def run_recipe(name: str, model_class: str, model_args: dict, args, index: int) -> dict:
-    from tl_lightning.cli import main
-
-    run_dir = RUNS / f"{index}"
+def run_row(name: str, cmd: list[str], run_dir: Path, cache: Path) -> dict:
+    """One CLI fit (+ test) in a fresh process; the result row from its ``metrics.json``."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    config = run_dir / "bench.yaml"
-    config.write_text(config_yaml(model_class, model_args, args, run_dir))
-    print(f"\n=== {name}", flush=True)
-    with PeakPSS(os.getpid()) as pss:  # this process (the run is in-process) and its loader workers
-        main(["fit", "--config", str(config)])
-    row = read_row(name, run_dir)
-    row["peak_pss_mb"] = round(pss.peak / 2**20) if supported() else None
-    return row
+    env = dict(os.environ, TL_LIGHTNING_CACHE=str(cache), PYTHONWARNINGS="ignore")
+    log = run_dir / "bench.log"
+    print(f"=== {name}\n    {' '.join(cmd)}", flush=True)
+    started = time.perf_counter()
+    with log.open("w") as out:  # to a file, not a pipe: the PSS sampler waits on the process
+        proc, peak = run_with_peak_pss(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"row '{name}' failed (log {log}):\n{log.read_text()[-3000:]}")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {"name": name, "command": cmd[2:], "test_acc": m["metrics"]["test/acc"],
+            "best_val_acc": m.get("best_score"), "wall_s": round(seconds, 1), "cli_wall_s": m["wall_time_s"],
+            "peak_pss_mb": None if peak is None else round(peak / 2**20),
+            "recipe": m.get("summary", {}).get("recipe"), "probe_train_acc": m.get("probe_train_acc")}
 
 
-def read_row(name: str, run_dir: Path) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"name": name, "test_acc": metrics["metrics"].get("test/acc"),
-            "best_val_acc": metrics.get("best_score"), "wall_s": metrics["wall_time_s"],
-            "probe_train_acc": metrics.get("probe_train_acc")}
+def table(measured: list[dict], quick: bool, epochs: int) -> str:
+    probe = next((r for r in measured if r["name"].startswith("linear probe")), None)
+    tuned = [r for r in measured if r is not probe and not r["name"].startswith("freeze (")]
+    best = max(tuned, key=lambda r: r["test_acc"], default=None)
+    size = "64 px, 2 epochs, 5 training images per class (--quick)" if quick else \
+        f"224 px (the backbone's own input size), {epochs} epochs, all training images"
+    lines = [
+        f"CUB-200-2011 subset in ../shared/data (10 classes, official test split of 243 images; one test image = "
+        f"0.41 points), bundled ImageNet EfficientNet-Lite0, {size}. Fine-tuning rows: `{FT_CONFIG}` through the "
+        f"CLI with the overrides shown (augmentation, AdamW, cosine schedule, validation = 10% of train, seed 0); "
+        f"the linear probe: `{FE_CONFIG}` as shipped (validation = 20% of train, refit on train+val). One process "
+        f"per row, one after the other. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU. Wall time "
+        "= the whole `fit` command (start-up, training, test of the best checkpoint).",
+        "",
+        "| recipe | test acc (%) | best val acc (%) | wall time (s) | vs. linear probe (points) | peak PSS (MB) | "
+        "overrides |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in measured:
+        gain = "-" if probe is None or r is probe else f"{100 * (r['test_acc'] - probe['test_acc']):+.1f}"
+        val = "-" if r["best_val_acc"] is None else f"{100 * r['best_val_acc']:.1f}"
+        mark = " **(best)**" if r is best else ""
+        overrides = " ".join(f"`{o}`" for o in r["command"][3:] if o not in QUICK and "default_root_dir" not in o)
+        lines.append(f"| {r['name']}{mark} | {100 * r['test_acc']:.1f} | {val} | {r['wall_s']:.0f} | {gain} | "
+                     f"{r['peak_pss_mb'] or '-'} | {overrides or 'none'} |")
+    return "\n".join(lines) + "\n"
 
 
-def write_table(rows: list[dict], args, path: Path) -> str:
-    settings = (f"CUB-200-2011 subset ({args.data_dir.name}, 10 classes, official test split of 243 images; "
-                f"validation = 10% of train), bundled EfficientNet-Lite0, {args.image_size} px, "
-                f"{args.epochs} epochs for every row, batch 32, AdamW (weight decay 1e-4) with a cosine schedule, "
-                f"head lr {HEAD_LR:g}, no augmentation, "
-                f"{'all' if not args.samples_per_class else args.samples_per_class} training images per class, "
-                f"{os.cpu_count()} CPU cores shared with other jobs (wall times are inflated by that load and "
-                "only roughly comparable), seed 0. Wall time = fit + test of the best checkpoint; every row is "
-                "its own CLI run, all rows measured side by side in one process.")
-    lines = [f"Settings: {settings}", "",
-             "| recipe | test acc | best val acc | wall time (s) | time vs. linear probe | peak PSS (MB) |",
-             "|---|---|---|---|---|---|"]
-    base = rows[0]["wall_s"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['test_acc']:.3f} | {r['best_val_acc']:.3f} | {r['wall_s']:.0f} | "
-                     f"{r['wall_s'] / base:.1f}x | {r.get('peak_pss_mb') or '-'} |")
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
-
-
-def plot(rows: list[dict], path: Path) -> None:
+def plot(measured: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for r in rows:
-        ax.scatter(r["wall_s"], r["test_acc"], s=40)
-        ax.annotate(r["name"].split(" (")[0].split(",")[0] + (" discr." if "discr" in r["name"] else ""),
-                    (r["wall_s"], r["test_acc"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    for r in measured:
+        ax.scatter(r["wall_s"], 100 * r["test_acc"], s=40)
+        ax.annotate(r["name"].split(" (")[0].split(":")[0].split(",")[0] + (" discr." if "discr" in r["name"] else ""),
+                    (r["wall_s"], 100 * r["test_acc"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (%)")
     ax.set_title("Fine-tuning recipes on the CUB subset (EfficientNet-Lite0)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="64 px, 2 epochs, 5 training images per class")
-    parser.add_argument("--data_dir", type=Path, default=DATA_DIR)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--image_size", type=int, default=None)
-    parser.add_argument("--samples_per_class", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--collect", action="store_true",
-                        help="only rebuild the table from the rows of an earlier (possibly interrupted) run")
-    args = parser.parse_args(argv)
-    args.epochs = args.epochs or (2 if args.quick else 4)
-    args.image_size = args.image_size or 64
-    if args.quick and args.samples_per_class is None:
-        args.samples_per_class = 5
-    if not args.data_dir.exists():
-        raise SystemExit(f"error: the CUB subset is not at '{args.data_dir}'; pass --data_dir=PATH "
-                         "(the folder that holds CUB_200_2011/).")
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TL_LIGHTNING_CACHE", tempfile.mkdtemp(prefix="bench_finetune_cache_"))  # cold cache
-    rows = []
-    for i, (name, cls, model_args) in enumerate(recipes(args.epochs)):
-        if args.collect:
-            if finished_with(RUNS / f"{i}", config_yaml(cls, model_args, args, RUNS / f"{i}")):
-                rows.append(read_row(name, RUNS / f"{i}"))
-        else:
-            rows.append(run_recipe(name, cls, model_args, args, i))
-        if rows:
-            missing = [n for n, _, _ in recipes(args.epochs) if n not in {r["name"] for r in rows}]
-            report(rows, args, missing)
-
-
-def finished_with(run_dir: Path, config: str) -> bool:
-    """True when ``run_dir`` holds a finished row that ran with exactly ``config``."""
-    path = run_dir / "bench.yaml"
-    return (run_dir / "metrics.json").is_file() and path.is_file() and path.read_text() == config
-
-
-def report(rows: list[dict], args, missing: list[str]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="64 px, 2 epochs, 5 training images per class")
+    p.add_argument("--resume", action="store_true", help="keep the finished rows whose command is unchanged")
+    p.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these")
+    args = p.parse_args(argv)
+    if not DATA.is_dir():
+        raise SystemExit(f"error: the CUB subset is not at '{DATA}'; the shipped configs read "
+                         "../shared/data/CUB_200_2011_subset10.")
     suffix = "_quick" if args.quick else ""
-    text = write_table(rows, args, RESULTS / f"finetune{suffix}.md")
-    if missing:
-        text += f"\nNot measured in this run (stopped for time): {'; '.join(missing)}.\n"
-        (RESULTS / f"finetune{suffix}.md").write_text(text)
-    (RESULTS / f"finetune{suffix}.json").write_text(json.dumps({"rows": rows, "settings": vars(args)}, indent=2,
-                                                                default=str))
-    plot(rows, RESULTS / f"finetune{suffix}.png")
-    print("\n" + text)
+    out_json = RESULTS / f"finetune{suffix}.json"
+    runs = RUNS.with_name(RUNS.name + suffix)
+    kept = {r["name"]: r for r in json.loads(out_json.read_text())["rows"]} \
+        if args.resume and out_json.exists() else {}
+    if not args.resume:
+        shutil.rmtree(runs, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    epochs = 2 if args.quick else shipped_epochs()
+    done = []
+    for i, (name, config, overrides) in enumerate(rows(epochs)):
+        run_dir = runs / f"{i}"
+        cmd = [sys.executable, "-m", "tl_lightning", "fit", "--config", config, *overrides,
+               *(QUICK if args.quick else []), f"--trainer.default_root_dir={run_dir.relative_to(REPO)}"]
+        old = kept.get(name)
+        if old is not None and old["command"] == cmd[2:]:
+            done.append(old)
+            continue
+        if args.only is not None and not any(o in name for o in args.only):
+            continue
+        done.append(run_row(name, cmd, run_dir, run_dir / "cache"))  # a cold feature cache for every row
+        report(done, args.quick, epochs, out_json)
+    report(done, args.quick, epochs, out_json)
+
+
+def report(done: list[dict], quick: bool, epochs: int, out_json: Path) -> None:
+    suffix = "_quick" if quick else ""
+    text = table(done, quick, epochs)
+    write_atomic(out_json, json.dumps({"rows": done, "epochs": epochs}, indent=1))
+    write_atomic(RESULTS / f"finetune{suffix}.md", text)
+    plot(done, RESULTS / f"finetune{suffix}.png")
+    print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Off-the-shelf recipes on the CUB subset (10 classes, official split), frozen bundled EfficientNet-Lite0, 224 px.
+"""Off-the-shelf recipes on the CUB subset (10 classes, official split), frozen bundled EfficientNet-Lite0
+at the config's resolution (288 px: FixRes).
 
 Every row runs the shipped ``configs/feature_extraction/cub200.yaml`` through the CLI in its own process
 (``python -m tl_lightning fit --config ... [overrides]``: fit, then test of the best checkpoint) and reads
@@ -93,12 +94,19 @@ def run_row(name: str, cache: str, overrides: list[str]) -> dict:
             "recipe_selection": m.get("recipe_selection")}
 
 
+def image_size() -> int:
+    """The shipped config's input size (``data.image_size``; the backbone's own 224 px when null)."""
+    import yaml
+
+    return yaml.safe_load((REPO / CONFIG).read_text())["data"]["init_args"].get("image_size") or 224
+
+
 def table(rows: list[dict]) -> str:
     best = max((r for r in rows if r["name"].startswith("recipe ")), key=lambda r: r["test_acc"], default=None)
     lines = [
         f"Off-the-shelf recipes on the CUB-200-2011 subset in ../shared/data (10 classes, official split: 300 "
         f"train images, 20% of them carved out for validation, 243 test images; one test image = 0.41 points), "
-        f"frozen bundled ImageNet EfficientNet-Lite0 at 224 px, `{CONFIG}` through the CLI with the overrides "
+        f"frozen bundled ImageNet EfficientNet-Lite0 at {image_size()} px, `{CONFIG}` through the CLI with the overrides "
         f"shown, one process per row. Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with "
         "other jobs, no GPU. Wall time = the whole `fit` command (start-up, extraction on a cold cache, head "
         "fit, test).",

@@ -262,6 +262,14 @@ def test_shared_behaviour_transforms_augment_and_samples_per_class(tmp_path):
     aug = setup_quietly(module(ImageFolderDataModule, data_dir=str(tmp_path), augment=True))
     assert not aug.deterministic_train and "RandomResizedCrop" in repr(aug.splits["train"].transform)
     assert "RandomResizedCrop" not in repr(aug.splits["val"].transform)
+    crop = next(t for t in aug.splits["train"].transform.transforms if type(t).__name__.startswith("RandomResizedCrop"))
+    assert crop.scale == (0.08, 1.0)  # the data set's default
+    milder = setup_quietly(module(ImageFolderDataModule, data_dir=str(tmp_path), augment=True,
+                                  augment_scale=[0.35, 1.0]))
+    crop = next(t for t in milder.splits["train"].transform.transforms if type(t).__name__.startswith("RandomResizedCrop"))
+    assert crop.scale == (0.35, 1.0) and ImageFolderDataModule.augment_scale == (0.08, 1.0)
+    with pytest.raises(TLError, match=r"augment_scale must be .*--data.augment_scale=\[0.35,1.0\]"):
+        module(ImageFolderDataModule, data_dir=str(tmp_path), augment_scale=[0.5, 0.2])
 
 
 # ----- the CLI: fit, metrics.json, predict -------------------------------------------------------------------

@@ -218,6 +218,7 @@ class TLDataModule(L.LightningDataModule):
         samples_per_class: Optional[int] = None,
         train_fraction: Optional[float] = None,
         augment: bool = False,
+        augment_scale: Optional[tuple[float, float]] = None,
         backbone: str = DEFAULT_BACKBONE,
         image_size: Optional[int] = None,
         persistent_workers: bool = True,
@@ -238,6 +239,8 @@ class TLDataModule(L.LightningDataModule):
             samples_per_class: keep at most this many training samples per class (low-data setting).
             train_fraction: keep this fraction of the training set (stratified).
             augment: random-resized-crop (and flip where it makes sense) on the training split.
+            augment_scale: the random-resized-crop's range of area fractions, e.g. ``[0.35, 1.0]``; default the
+                data set's own (``(0.08, 1.0)``, Inception's, unless the data set says otherwise).
             backbone: timm model whose data config sets input size and normalisation (linked from the model).
             image_size: override the backbone's input size (pixels, square).
             persistent_workers: keep loader workers alive between epochs.
@@ -264,6 +267,12 @@ class TLDataModule(L.LightningDataModule):
         self.samples_per_class = samples_per_class
         self.train_fraction = train_fraction
         self.augment = augment
+        if augment_scale is not None:
+            low, high = augment_scale
+            if not 0 < low <= high <= 1:
+                raise TLError(f"augment_scale must be two area fractions 0 < low <= high <= 1 (got "
+                              f"{list(augment_scale)}); e.g. --data.augment_scale=[0.35,1.0].")
+            self.augment_scale = (float(low), float(high))
         self.backbone = backbone
         self.image_size = image_size
         self.persistent_workers = persistent_workers
