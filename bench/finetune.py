@@ -17,6 +17,7 @@ optimizer and schedule. A row is kept by ``--resume`` when its command is unchan
     python -m bench.finetune            # writes bench/results/finetune.{json,md,png}
     python -m bench.finetune --resume   # keeps the finished rows whose command is unchanged
     python -m bench.finetune --quick    # 64 px, 2 epochs, 5 training images per class: a smoke run
+    python -m bench.finetune --table    # only rewrite the table and plot from finetune.json
 """
 from __future__ import annotations
 
@@ -66,6 +67,12 @@ def rows(epochs: int) -> list[tuple[str, str, list[str]]]:
     ]
 
 
+def fe_image_size() -> int:
+    import yaml
+
+    return yaml.safe_load((REPO / FE_CONFIG).read_text())["data"]["init_args"].get("image_size") or 224
+
+
 def shipped_epochs() -> int:
     import yaml
 
@@ -102,7 +109,8 @@ def table(measured: list[dict], quick: bool, epochs: int) -> str:
         f"CUB-200-2011 subset in ../shared/data (10 classes, official test split of 243 images; one test image = "
         f"0.41 points), bundled ImageNet EfficientNet-Lite0, {size}. Fine-tuning rows: `{FT_CONFIG}` through the "
         f"CLI with the overrides shown (augmentation, AdamW, cosine schedule, validation = 10% of train, seed 0); "
-        f"the linear probe: `{FE_CONFIG}` as shipped (validation = 20% of train, refit on train+val). One process "
+        f"the linear probe: `{FE_CONFIG}` as shipped (frozen features read at {fe_image_size()} px, validation = "
+        f"20% of train, refit on train+val). One process "
         f"per row, one after the other. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU. Wall time "
         "= the whole `fit` command (start-up, training, test of the best checkpoint).",
         "",
@@ -114,7 +122,7 @@ def table(measured: list[dict], quick: bool, epochs: int) -> str:
         gain = "-" if probe is None or r is probe else f"{100 * (r['test_acc'] - probe['test_acc']):+.1f}"
         val = "-" if r["best_val_acc"] is None else f"{100 * r['best_val_acc']:.1f}"
         mark = " **(best)**" if r is best else ""
-        overrides = " ".join(f"`{o}`" for o in r["command"][3:] if o not in QUICK and "default_root_dir" not in o)
+        overrides = " ".join(f"`{o}`" for o in r["command"][4:] if o not in QUICK and "default_root_dir" not in o)
         lines.append(f"| {r['name']}{mark} | {100 * r['test_acc']:.1f} | {val} | {r['wall_s']:.0f} | {gain} | "
                      f"{r['peak_pss_mb'] or '-'} | {overrides or 'none'} |")
     return "\n".join(lines) + "\n"
@@ -153,13 +161,16 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="64 px, 2 epochs, 5 training images per class")
     p.add_argument("--resume", action="store_true", help="keep the finished rows whose command is unchanged")
     p.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these")
+    p.add_argument("--table", action="store_true", help="only rewrite the table and plot from the measured rows")
     args = p.parse_args(argv)
+    out_json = RESULTS / f"finetune{'_quick' if args.quick else ''}.json"
+    if args.table:
+        measured = json.loads(out_json.read_text())
+        return report(measured["rows"], args.quick, measured["epochs"], out_json)
     if not DATA.is_dir():
         raise SystemExit(f"error: the CUB subset is not at '{DATA}'; the shipped configs read "
                          "../shared/data/CUB_200_2011_subset10.")
-    suffix = "_quick" if args.quick else ""
-    out_json = RESULTS / f"finetune{suffix}.json"
-    runs = RUNS.with_name(RUNS.name + suffix)
+    runs = RUNS.with_name(RUNS.name + ("_quick" if args.quick else ""))
     kept = {r["name"]: r for r in json.loads(out_json.read_text())["rows"]} \
         if args.resume and out_json.exists() else {}
     if not args.resume:
