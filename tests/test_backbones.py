@@ -56,6 +56,19 @@ def test_data_config_follows_timm():
     assert data_config("resnet18")["mean"] == pytest.approx((0.485, 0.456, 0.406))
 
 
+def test_a_fixed_input_size_backbone_refuses_another_image_size_with_one_sentence():
+    """ViTs take one input size (timm's ``fixed_input_size``): the shipped FE configs' 288 px must not reach one."""
+    assert data_config("vit_tiny_patch16_224", image_size=224)["input_size"] == (3, 224, 224)
+    assert data_config("resnet18", image_size=288)["input_size"] == (3, 288, 288)  # convnets take any size
+    with pytest.raises(TLError, match=r"vit_tiny_patch16_224 takes only 224 px inputs .* set "
+                                      r"--data.image_size=null for the backbone's own size\.$"):
+        data_config("vit_tiny_patch16_224", image_size=288)
+    from tl_lightning.data import ImageFolderDataModule
+
+    with pytest.raises(TLError, match="takes only 224 px"):  # at construction, before any run folder exists
+        ImageFolderDataModule(data_dir="unused", backbone="vit_tiny_patch16_224", image_size=288)
+
+
 def test_any_timm_model_and_the_digit_cnns_are_backbones():
     for name in ("resnet18", "digit_cnn", "digit_cnn_dann"):
         model = create_backbone(name, weights="none")

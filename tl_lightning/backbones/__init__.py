@@ -105,12 +105,19 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str = "bundled", num_
 def data_config(name: str = DEFAULT_BACKBONE, image_size: int | None = None) -> dict:
     """The timm data config (input size, mean/std, interpolation, crop) of backbone ``name``."""
     check_backbone_name(name)
-    cfg = resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(name).to_dict()
-                              if timm.models.get_pretrained_cfg(name) is not None else
-                              timm.create_model(name, pretrained=False).pretrained_cfg)
+    pretrained = _pretrained_cfg(name)
+    cfg = resolve_data_config({}, pretrained_cfg=pretrained)
     if image_size:
+        if pretrained.get("fixed_input_size") and int(image_size) != cfg["input_size"][-1]:
+            raise TLError(f"{name} takes only {cfg['input_size'][-1]} px inputs (a fixed input size), not "
+                          f"--data.image_size={image_size}; set --data.image_size=null for the backbone's own size.")
         cfg["input_size"] = (cfg["input_size"][0], int(image_size), int(image_size))
     return cfg
+
+
+def _pretrained_cfg(name: str) -> dict:
+    registered = timm.models.get_pretrained_cfg(name)
+    return registered.to_dict() if registered is not None else timm.create_model(name, pretrained=False).pretrained_cfg
 
 
 def weights_id(model: nn.Module) -> str:

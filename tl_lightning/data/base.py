@@ -275,6 +275,8 @@ class TLDataModule(L.LightningDataModule):
             self.augment_scale = (float(low), float(high))
         self.backbone = backbone
         self.image_size = image_size
+        if image_size is not None:
+            data_config(backbone, image_size)  # a size the backbone cannot take fails here, before any run starts
         self.persistent_workers = persistent_workers
         self.pin_memory = pin_memory
         self.cache_dir = cache_dir or default_cache_dir()
