@@ -1,7 +1,7 @@
 """Fine-tuning recipes side by side on the real CUB-200-2011 subset, bundled ImageNet EfficientNet-Lite0, 224 px.
 
 Every row runs a shipped config through the CLI in its own process (``python -m tl_lightning fit --config ...
-[overrides]``: fit, then test of the best checkpoint) and reads its ``metrics.json``:
+[overrides]``: fit, then test of the checkpoint the config names) and reads its ``metrics.json``:
 
 * the linear probe: ``configs/feature_extraction/cub200.yaml`` as shipped (frozen features, the recipe chosen on
   val: an L-BFGS logistic probe on this subset, Kornblith et al. 2019), the best off-the-shelf recipe;
@@ -12,7 +12,7 @@ Every row runs a shipped config through the CLI in its own process (``python -m 
   with discriminative rates (1/2.6 per stage).
 
 Every fine-tuning row shares the shipped config's resolution (the backbone's own 224 px), augmentation, epochs,
-optimizer and schedule. A row is kept by ``--resume`` when its command is unchanged; a killed run resumes there.
+optimizer and schedule. A row is kept by ``--resume`` while its command and config file are unchanged; a killed run resumes there.
 
     python -m bench.finetune            # writes bench/results/finetune.{json,md,png}
     python -m bench.finetune --resume   # keeps the finished rows whose command is unchanged
@@ -22,6 +22,7 @@ optimizer and schedule. A row is kept by ``--resume`` when its command is unchan
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -67,6 +68,11 @@ def rows(epochs: int) -> list[tuple[str, str, list[str]]]:
     ]
 
 
+def config_sha(config: str) -> str:
+    """A row is kept by ``--resume`` only while its command and its config file are unchanged."""
+    return hashlib.sha1((REPO / config).read_bytes()).hexdigest()
+
+
 def fe_image_size() -> int:
     import yaml
 
@@ -96,7 +102,8 @@ def run_row(name: str, cmd: list[str], run_dir: Path, cache: Path) -> dict:
     return {"name": name, "command": cmd[2:], "test_acc": m["metrics"]["test/acc"],
             "best_val_acc": m.get("best_score"), "wall_s": round(seconds, 1), "cli_wall_s": m["wall_time_s"],
             "peak_pss_mb": None if peak is None else round(peak / 2**20),
-            "recipe": m.get("summary", {}).get("recipe"), "probe_train_acc": m.get("probe_train_acc")}
+            "recipe": m.get("summary", {}).get("recipe"), "probe_train_acc": m.get("probe_train_acc"),
+            "tested": m.get("test_checkpoint")}
 
 
 def table(measured: list[dict], quick: bool, epochs: int) -> str:
@@ -112,7 +119,9 @@ def table(measured: list[dict], quick: bool, epochs: int) -> str:
         f"the linear probe: `{FE_CONFIG}` as shipped (frozen features read at {fe_image_size()} px, validation = "
         f"20% of train, refit on train+val). One process "
         f"per row, one after the other. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU. Wall time "
-        "= the whole `fit` command (start-up, training, test of the best checkpoint).",
+        "= the whole `fit` command (start-up, training, test). The shipped fine-tuning config tests its last "
+        "checkpoint (`test_checkpoint: last`, the end of the cosine schedule); best val acc is the score of the "
+        "epoch a best-*.ckpt would have kept.",
         "",
         "| recipe | test acc (%) | best val acc (%) | wall time (s) | vs. linear probe (points) | peak PSS (MB) | "
         "overrides |",
@@ -183,12 +192,13 @@ def main(argv=None) -> None:
         cmd = [sys.executable, "-m", "tl_lightning", "fit", "--config", config, *overrides,
                *(QUICK if args.quick else []), f"--trainer.default_root_dir={run_dir.relative_to(REPO)}"]
         old = kept.get(name)
-        if old is not None and old["command"] == cmd[2:]:
+        if old is not None and old["command"] == cmd[2:] and old.get("config_sha") == config_sha(config):
             done.append(old)
             continue
         if args.only is not None and not any(o in name for o in args.only):
             continue
-        done.append(run_row(name, cmd, run_dir, run_dir / "cache"))  # a cold feature cache for every row
+        done.append({**run_row(name, cmd, run_dir, run_dir / "cache"),  # a cold feature cache for every row
+                     "config_sha": config_sha(config)})
         report(done, args.quick, epochs, out_json)
     report(done, args.quick, epochs, out_json)
 

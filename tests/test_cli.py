@@ -32,10 +32,24 @@ def test_fit_tests_the_best_checkpoint_and_writes_metrics_json(fitted_run):
     assert 0.5 < m["metrics"]["test/acc"] <= 1.0  # 10 classes: chance is 0.1
     assert 0.0 <= m["metrics"]["val/acc"] <= 1.0 and m["metrics"]["train/loss"] > 0
     assert Path(m["best_checkpoint"]).is_file() and "best" in Path(m["best_checkpoint"]).name
+    assert m["test_checkpoint"] == "best" and m["tested_checkpoint"] == m["best_checkpoint"]
     assert Path(m["config"]).is_file() and m["wall_time_s"] > 0
     assert m["class_names"] == [str(i) for i in range(10)]
     assert len(m["history"]) == 3 and m["best_score"] == pytest.approx(max(h["val/acc"] for h in m["history"]))
     assert (fitted_run / "learning_curves.png").stat().st_size > 1000
+
+
+def test_test_checkpoint_last_tests_the_final_weights(fitted_run, tmp_path):
+    """``--test_checkpoint=last``: fit tests ``last.ckpt`` (the end of an annealed schedule), says so in
+    metrics.json, and its test metrics are those of a separate ``test`` of that file."""
+    run = tmp_path / "run"
+    run_cli("fit", *QUICK, "--test_checkpoint=last", f"--trainer.default_root_dir={run}")
+    m = read_metrics(run)
+    assert m["test_checkpoint"] == "last" and m["tested_checkpoint"] == str(run / "checkpoints" / "last.ckpt")
+    assert "best" in Path(m["best_checkpoint"]).name  # the best checkpoint is still kept and reported
+    run_cli("test", *QUICK, f"--ckpt_path={m['tested_checkpoint']}", f"--trainer.default_root_dir={tmp_path / 't'}")
+    again = read_metrics(tmp_path / "t")["metrics"]
+    assert m["metrics"]["test/loss"] == pytest.approx(again["test/loss"], rel=1e-6)
 
 
 def test_saved_config_records_overrides_and_a_fresh_run_never_overwrites(fitted_run, capsys):

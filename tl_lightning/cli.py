@@ -12,7 +12,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Optional
+from typing import Literal, Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -108,6 +108,9 @@ class TLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, evaluate the best checkpoint on the test split.")
+        parser.add_argument("--test_checkpoint", type=Literal["best", "last"], default="best",
+                            help="Which checkpoint test_after_fit evaluates: best (by the method's validation "
+                                 "metric) or last (the final weights, e.g. at the end of an annealed schedule).")
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
         for fact in ("num_classes", "multilabel", "class_names"):
             parser.link_arguments(f"data.{fact}", f"model.init_args.{fact}", apply_on="instantiate")
@@ -149,7 +152,7 @@ class TLCLI(LightningCLI):
         if writer is None:
             return
         model = self.model
-        extra = {"class_names": list(getattr(model, "class_names", []) or [])}
+        extra = {"class_names": list(getattr(model, "class_names", []) or []), **getattr(self, "_tested", {})}
         extra.update(model.results() if hasattr(model, "results") else {})
         report = getattr(self.datamodule, "data_report", None)
         if report is not None:
@@ -163,10 +166,13 @@ class TLCLI(LightningCLI):
         metrics = dict(self.trainer.callback_metrics)
         if self.config[self.subcommand].get("test_after_fit", True) and not self.trainer.interrupted:
             ckpt = run_checkpoint(self.trainer)  # not trainer.checkpoint_callback: the first of any
-            ckpt_path = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
-            results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+            which = self.config[self.subcommand].get("test_checkpoint", "best")
+            path = (ckpt.best_model_path if which == "best" else ckpt.last_model_path) if ckpt is not None else ""
+            # no file (a fitted head never steps, so no best checkpoint; no checkpoint callback): the final weights
+            results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path or None)
             for r in results:
                 metrics.update(r)
+            self._tested = {"tested_checkpoint": path or None, "test_checkpoint": which}
         self._finish("fit", metrics)
 
     def after_validate(self) -> None:

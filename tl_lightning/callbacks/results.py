@@ -164,6 +164,8 @@ def print_results_table(payload: dict, path: str) -> None:
     rows += [("wall time (s)", f"{payload['wall_time_s']:.1f}")]
     if payload.get("best_checkpoint"):
         rows.append(("best checkpoint", payload["best_checkpoint"]))
+    if payload.get("test_checkpoint"):
+        rows.append(("tested", payload["tested_checkpoint"] or "the final weights (no checkpoint file)"))
     rows.append(("metrics.json", path))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
