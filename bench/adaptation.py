@@ -264,11 +264,17 @@ def plot(all_rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def selected(name: str, wanted: Optional[list[str]], names: list[str]) -> bool:
+    """``--rows``: a full row name selects that row alone ("..., k=1" is not "..., k=10"); any other string
+    selects every row whose name contains it."""
+    return wanted is None or any(w == name or (w not in names and w in name) for w in wanted)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, a few batches per run (a smoke run)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rows", nargs="+", default=None, help="run only the rows whose name contains one of these")
+    parser.add_argument("--rows", nargs="+", default=None, help="run only these rows: a full row name, or a part of names")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workdir", default=os.path.join(default_cache_dir(), "bench_adaptation_cli"),
@@ -285,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             done = finished(row, seed, args) if args.resume else None
             if done is not None:
                 row.runs.append(done)
-            elif args.rows is None or any(s in row.name for s in args.rows):
+            elif selected(row.name, args.rows, [r.name for r in all_rows]):
                 tasks.append((row, seed))
     started = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:  # each task is one CLI process (or two) at a time
