@@ -16,8 +16,10 @@ images only). For the unsupervised rows the bench also keeps the checkpoint an o
 
 Each run has its own folder under ``--workdir`` with the command it ran (``bench_command.json``) and the
 configuration it resolved to (the CLI's ``config.yaml``); ``--resume`` keeps a finished run whose resolved
-configuration equals the row's now (``--print_config``), so an edited config file is never served stale. Writes ``bench/results/adaptation.{md,json,png}``
-(``adaptation_quick.*`` with ``--quick``: one seed, a few batches, a smoke run).
+configuration equals the row's now (``--print_config``) and whose code is the same (``bench/provenance.py``: the
+``tl_lightning`` tree and the torch version), so neither an edited config file nor a library change is served
+stale. Writes ``bench/results/adaptation.{md,json,png}`` (``adaptation_quick.*`` with ``--quick``: one seed, a
+few batches, a smoke run).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import torch
 import yaml
 
 from bench.memory import run_with_peak_pss
+from bench.provenance import code_version, same_code
 from tl_lightning.data.base import default_cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,6 +163,10 @@ def finished(row: Row, seed: int, args) -> Optional[dict]:
         print(f"seed {seed} {row.name}: configuration changed since the finished run (not kept)", flush=True)
         return None
     result = json.loads((run_dir / "bench_result.json").read_text())
+    if not same_code(result.get("code"), args.code):
+        print(f"seed {seed} {row.name}: measured with other code ({result.get('code')}, now {args.code}); "
+              "not kept", flush=True)
+        return None
     if row.label_free and "tested" not in result:  # recorded before each checkpoint was tested by its path
         result.update(test_label_free(fit_command(row, seed, run_dir, args.quick), run_dir,
                                       run_dir / "bench.log", args.threads))
@@ -182,7 +189,7 @@ def run_one(row: Row, seed: int, args) -> dict:
     m = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     result = {"seed": seed, "target_acc": m["test/target_acc"], "source_acc": m["test/source_acc"],
               "domain_acc": m.get("test/domain_acc"), "wall_s": round(fit_s, 1),
-              "peak_pss_mb": None if peak is None else round(peak / 2 ** 20)}
+              "peak_pss_mb": None if peak is None else round(peak / 2 ** 20), "code": args.code}
     if row.label_free:
         result.update(test_label_free(fit, run_dir, log, args.threads))
     (run_dir / "bench_result.json").write_text(json.dumps(result))
@@ -229,7 +236,9 @@ def write_results(all_rows: list[Row], args, wall_s: float) -> Path:
                      f"{mean_std(r.get('domain_acc') for r in row.runs)} | {row.published or '-'} | {wall:.0f} | {peak} |")
     lines += ["", f"Wall time of this invocation {wall_s / 60:.1f} min, {args.jobs} runs at a time with "
               f"{args.threads} thread(s) each, on {os.cpu_count()} CPU cores ({platform.machine()}, shared), "
-              f"torch {torch.__version__}. Published: Ganin & Lempitsky 2015 (full MNIST, their schedule). The "
+              f"torch {torch.__version__}; every run measured with the code of `tl_lightning` tree "
+              f"{args.code['tl_lightning'][:12]} (`bench/provenance.py`). Published: Ganin & Lempitsky 2015 "
+              "(full MNIST, their schedule). The "
               "domain-classifier accuracy is the method's own domain classifier on the test images of both "
               "domains, balanced over the two (50% = confused); the baselines train theirs as an idle probe. Peak "
               "PSS: the fit's processes together (main process and data-loader workers; shared pages counted "
@@ -274,14 +283,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, a few batches per run (a smoke run)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rows", nargs="+", default=None, help="run only these rows: a full row name, or a part of names")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="run only these rows: a full row name, or a part of names")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workdir", default=os.path.join(default_cache_dir(), "bench_adaptation_cli"),
                         help="one folder per run (kept for --resume)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the finished runs whose resolved configuration is unchanged (all rows), run the rest")
+                        help="keep the finished runs whose resolved configuration and code are unchanged (all rows), "
+                             "run the rest")
     args = parser.parse_args(argv)
+    args.code = code_version()  # a finished run is kept only while the library code and torch are the same
     if args.quick:
         args.seeds = args.seeds[:1]
     all_rows = rows()

@@ -12,10 +12,11 @@ Every row runs a shipped config through the CLI in its own process (``python -m 
   with discriminative rates (1/2.6 per stage).
 
 Every fine-tuning row shares the shipped config's resolution (the backbone's own 224 px), augmentation, epochs,
-optimizer and schedule. A row is kept by ``--resume`` while its command and config file are unchanged; a killed run resumes there.
+optimizer and schedule. A row is kept by ``--resume`` while its command, config file and code
+(``bench/provenance.py``: the ``tl_lightning`` tree and the torch version) are unchanged; a killed run resumes there.
 
     python -m bench.finetune            # writes bench/results/finetune.{json,md,png}
-    python -m bench.finetune --resume   # keeps the finished rows whose command is unchanged
+    python -m bench.finetune --resume   # keeps the finished rows whose command, config and code are unchanged
     python -m bench.finetune --quick    # 64 px, 2 epochs, 5 training images per class: a smoke run
     python -m bench.finetune --table    # only rewrite the table and plot from finetune.json
 """
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 from bench.memory import run_with_peak_pss
+from bench.provenance import code_version, same_code
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -168,7 +170,8 @@ def write_atomic(path: Path, text: str) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="64 px, 2 epochs, 5 training images per class")
-    p.add_argument("--resume", action="store_true", help="keep the finished rows whose command is unchanged")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished rows whose command, config and code are unchanged")
     p.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these")
     p.add_argument("--table", action="store_true", help="only rewrite the table and plot from the measured rows")
     args = p.parse_args(argv)
@@ -186,19 +189,21 @@ def main(argv=None) -> None:
         shutil.rmtree(runs, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     epochs = 2 if args.quick else shipped_epochs()
+    code = code_version()  # a row measured with other library code or another torch is run again
     done = []
     for i, (name, config, overrides) in enumerate(rows(epochs)):
         run_dir = runs / f"{i}"
         cmd = [sys.executable, "-m", "tl_lightning", "fit", "--config", config, *overrides,
                *(QUICK if args.quick else []), f"--trainer.default_root_dir={run_dir.relative_to(REPO)}"]
         old = kept.get(name)
-        if old is not None and old["command"] == cmd[2:] and old.get("config_sha") == config_sha(config):
+        if (old is not None and old["command"] == cmd[2:] and old.get("config_sha") == config_sha(config)
+                and same_code(old.get("code"), code)):
             done.append(old)
             continue
         if args.only is not None and not any(o in name for o in args.only):
             continue
         done.append({**run_row(name, cmd, run_dir, run_dir / "cache"),  # a cold feature cache for every row
-                     "config_sha": config_sha(config)})
+                     "config_sha": config_sha(config), "code": code})
         report(done, args.quick, epochs, out_json)
     report(done, args.quick, epochs, out_json)
 

@@ -19,3 +19,33 @@ def test_part_of_a_name_selects_every_row_holding_it():
 
 def test_no_filter_selects_all():
     assert [n for n in NAMES if selected(n, None, NAMES)] == NAMES
+
+
+def test_code_version_changes_with_an_uncommitted_edit(tmp_path, monkeypatch):
+    """A run measured with other library code is never kept by --resume: an edit under tl_lightning/ changes the
+    version, and a run recorded without one is not the same code."""
+    import shutil
+    import subprocess
+
+    from bench import provenance
+
+    repo = tmp_path / "repo"
+    (repo / "tl_lightning").mkdir(parents=True)
+    (repo / "tl_lightning" / "a.py").write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    monkeypatch.setattr(provenance, "REPO", repo)
+    clean = provenance.code_version()
+    assert provenance.same_code(clean, provenance.code_version())
+    (repo / "tl_lightning" / "a.py").write_text("x = 2\n")
+    edited = provenance.code_version()
+    assert edited["tl_lightning"].startswith(clean["tl_lightning"] + "+")
+    assert not provenance.same_code(clean, edited)
+    (repo / "tl_lightning" / "a.py").write_text("x = 1\n")
+    (repo / "tl_lightning" / "b.py").write_text("y = 1\n")  # a new, untracked file counts too
+    assert not provenance.same_code(clean, provenance.code_version())
+    shutil.rmtree(repo / ".git")  # not a checkout: the files' own hash
+    assert provenance.code_version()["tl_lightning"].startswith("files:")
+    assert not provenance.same_code(None, clean)
