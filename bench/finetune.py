@@ -23,7 +23,6 @@ optimizer and schedule. A row is kept by ``--resume`` while its command, config 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 from bench.memory import run_with_peak_pss
-from bench.provenance import code_version, same_code
+from bench.provenance import code_version, file_sha, same_code
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -68,11 +67,6 @@ def rows(epochs: int) -> list[tuple[str, str, list[str]]]:
          ["--model.unfreeze=no_freeze", f"--model.lr={UNIFORM_LR:g}", "--model.lr_decay=1.0"]),
         ("full fine-tuning, discr. lr (1/2.6 per stage)", FT_CONFIG, ["--model.unfreeze=no_freeze"]),
     ]
-
-
-def config_sha(config: str) -> str:
-    """A row is kept by ``--resume`` only while its command and its config file are unchanged."""
-    return hashlib.sha1((REPO / config).read_bytes()).hexdigest()
 
 
 def fe_image_size() -> int:
@@ -196,14 +190,14 @@ def main(argv=None) -> None:
         cmd = [sys.executable, "-m", "tl_lightning", "fit", "--config", config, *overrides,
                *(QUICK if args.quick else []), f"--trainer.default_root_dir={run_dir.relative_to(REPO)}"]
         old = kept.get(name)
-        if (old is not None and old["command"] == cmd[2:] and old.get("config_sha") == config_sha(config)
+        if (old is not None and old["command"] == cmd[2:] and old.get("config_sha") == file_sha(config)
                 and same_code(old.get("code"), code)):
             done.append(old)
             continue
         if args.only is not None and not any(o in name for o in args.only):
             continue
         done.append({**run_row(name, cmd, run_dir, run_dir / "cache"),  # a cold feature cache for every row
-                     "config_sha": config_sha(config), "code": code})
+                     "config_sha": file_sha(config), "code": code})
         report(done, args.quick, epochs, out_json)
     report(done, args.quick, epochs, out_json)
 

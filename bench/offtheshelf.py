@@ -13,7 +13,7 @@ side by side in four consecutive processes: ``auto`` and the best fixed recipe, 
 then each again on its now warm cache.
 
     python -m bench.offtheshelf            # writes bench/results/offtheshelf.{json,md}
-    python -m bench.offtheshelf --resume   # keeps the rows already measured and their caches
+    python -m bench.offtheshelf --resume   # keeps the rows measured with this code and config, and the caches
     python -m bench.offtheshelf --resume --only linear --part a   # a subset of rows (name substrings), in a
                                            # second process beside another part; --table merges the parts
 """
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from bench.memory import run_with_peak_pss
+from bench.provenance import code_version, file_sha, same_code
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -97,7 +98,12 @@ def run_row(name: str, cache: str, overrides: list[str]) -> dict:
             "wall_s": round(seconds, 1), "peak_pss_mb": None if peak is None else round(peak / 2**20),
             "extracted": extracted, "cli_wall_s": m["wall_time_s"], "recipe": m.get("summary", {}).get("recipe"),
             "head_fit": {k: v for k, v in fit.items() if not k.endswith("_grid") and k != "val_scores"},
-            "recipe_selection": m.get("recipe_selection")}
+            "recipe_selection": m.get("recipe_selection"), "code": code_version(), "config_sha": file_sha(CONFIG)}
+
+
+def still_valid(row: dict, code: dict) -> bool:
+    """``--resume`` keeps a row only while the library code, torch and the shipped config are the ones it ran."""
+    return same_code(row.get("code"), code) and row.get("config_sha") == file_sha(CONFIG)
 
 
 def image_size() -> int:
@@ -155,7 +161,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--resume", action="store_true", help="keep finished rows (offtheshelf.json) and the caches")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished rows measured with this code and config, and the caches")
     p.add_argument("--table", action="store_true", help="only rewrite offtheshelf.md from the measured rows")
     p.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these")
     p.add_argument("--part", default="", help="write this process's rows to offtheshelf<part>.json")
@@ -166,13 +173,17 @@ def main(argv=None) -> None:
     if not data.is_dir():
         raise SystemExit(f"CUB subset not found at {data.resolve()} (the config reads ../shared/data).")
     out_json = RESULTS / f"offtheshelf{args.part}.json"
-    done = measured() if args.resume else {}
+    code = code_version()
+    done = {n: r for n, r in measured().items() if still_valid(r, code)} if args.resume else {}
+    if args.resume and len(done) < len(measured()):
+        print(f"{len(measured()) - len(done)} measured row(s) ran other code or another config: measured again")
     if not args.resume and RUNS.exists():
         shutil.rmtree(RUNS)
     RUNS.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    mine = {r["name"]: r for r in json.loads(out_json.read_text())} if args.resume and out_json.exists() else {}
+    mine = {r["name"]: r for r in json.loads(out_json.read_text()) if still_valid(r, code)} \
+        if args.resume and out_json.exists() else {}
 
     def record(row: dict) -> None:  # each part's file holds the rows that part measured
         done[row["name"]] = mine[row["name"]] = row

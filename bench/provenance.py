@@ -47,6 +47,11 @@ def code_version() -> dict:
     return {"tl_lightning": version, "torch": torch.__version__}
 
 
+def file_sha(relative: str) -> str:
+    """The content hash of a repository file (a shipped config): a row is stale once its config is edited."""
+    return hashlib.sha1((REPO / relative).read_bytes()).hexdigest()
+
+
 def same_code(recorded: Optional[dict], now: dict) -> bool:
     """A run recorded without a code version (older than this check) is never kept."""
     return recorded is not None and recorded == now
