@@ -158,14 +158,14 @@ def finished(row: Row, seed: int, args) -> Optional[dict]:
     run_dir = run_dir_of(row, seed, args)
     if not (run_dir / "bench_command.json").exists() or not (run_dir / "config.yaml").exists():
         return None
+    result = json.loads((run_dir / "bench_result.json").read_text())
+    if not same_code(result.get("code"), args.code):  # checked first: no --print_config process for a stale run
+        print(f"seed {seed} {row.name}: measured with other code ({result.get('code')}, now {args.code}); "
+              "not kept", flush=True)
+        return None
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     if saved != resolved_config(fit_command(row, seed, run_dir, args.quick)):
         print(f"seed {seed} {row.name}: configuration changed since the finished run (not kept)", flush=True)
-        return None
-    result = json.loads((run_dir / "bench_result.json").read_text())
-    if not same_code(result.get("code"), args.code):
-        print(f"seed {seed} {row.name}: measured with other code ({result.get('code')}, now {args.code}); "
-              "not kept", flush=True)
         return None
     if row.label_free and "tested" not in result:  # recorded before each checkpoint was tested by its path
         result.update(test_label_free(fit_command(row, seed, run_dir, args.quick), run_dir,

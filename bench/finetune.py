@@ -189,15 +189,15 @@ def main(argv=None) -> None:
         run_dir = runs / f"{i}"
         cmd = [sys.executable, "-m", "tl_lightning", "fit", "--config", config, *overrides,
                *(QUICK if args.quick else []), f"--trainer.default_root_dir={run_dir.relative_to(REPO)}"]
-        old = kept.get(name)
-        if (old is not None and old["command"] == cmd[2:] and old.get("config_sha") == file_sha(config)
+        old, sha = kept.get(name), file_sha(config)
+        if (old is not None and old["command"] == cmd[2:] and old.get("config_sha") == sha
                 and same_code(old.get("code"), code)):
             done.append(old)
             continue
         if args.only is not None and not any(o in name for o in args.only):
             continue
         done.append({**run_row(name, cmd, run_dir, run_dir / "cache"),  # a cold feature cache for every row
-                     "config_sha": file_sha(config), "code": code})
+                     "config_sha": sha, "code": code})
         report(done, args.quick, epochs, out_json)
     report(done, args.quick, epochs, out_json)
 

@@ -74,7 +74,7 @@ def cache_entries(cache: str) -> int:
     return len(list(folder.glob("*.pt"))) if folder.is_dir() else 0
 
 
-def run_row(name: str, cache: str, overrides: list[str]) -> dict:
+def run_row(name: str, cache: str, overrides: list[str], provenance: dict) -> dict:
     """One CLI fit (+ test) in a fresh process; the result row from its ``metrics.json``."""
     run_dir = RUNS / "runs" / name.replace(" ", "_").replace("/", "_").replace("`", "")
     if run_dir.exists():
@@ -98,12 +98,12 @@ def run_row(name: str, cache: str, overrides: list[str]) -> dict:
             "wall_s": round(seconds, 1), "peak_pss_mb": None if peak is None else round(peak / 2**20),
             "extracted": extracted, "cli_wall_s": m["wall_time_s"], "recipe": m.get("summary", {}).get("recipe"),
             "head_fit": {k: v for k, v in fit.items() if not k.endswith("_grid") and k != "val_scores"},
-            "recipe_selection": m.get("recipe_selection"), "code": code_version(), "config_sha": file_sha(CONFIG)}
+            "recipe_selection": m.get("recipe_selection"), **provenance}
 
 
-def still_valid(row: dict, code: dict) -> bool:
+def still_valid(row: dict, provenance: dict) -> bool:
     """``--resume`` keeps a row only while the library code, torch and the shipped config are the ones it ran."""
-    return same_code(row.get("code"), code) and row.get("config_sha") == file_sha(CONFIG)
+    return same_code(row.get("code"), provenance["code"]) and row.get("config_sha") == provenance["config_sha"]
 
 
 def image_size() -> int:
@@ -173,16 +173,17 @@ def main(argv=None) -> None:
     if not data.is_dir():
         raise SystemExit(f"CUB subset not found at {data.resolve()} (the config reads ../shared/data).")
     out_json = RESULTS / f"offtheshelf{args.part}.json"
-    code = code_version()
-    done = {n: r for n, r in measured().items() if still_valid(r, code)} if args.resume else {}
-    if args.resume and len(done) < len(measured()):
-        print(f"{len(measured()) - len(done)} measured row(s) ran other code or another config: measured again")
+    provenance = {"code": code_version(), "config_sha": file_sha(CONFIG)}  # recorded with every row
+    earlier = measured() if args.resume else {}
+    done = {n: r for n, r in earlier.items() if still_valid(r, provenance)}
+    if len(done) < len(earlier):
+        print(f"{len(earlier) - len(done)} measured row(s) ran other code or another config: measured again")
     if not args.resume and RUNS.exists():
         shutil.rmtree(RUNS)
     RUNS.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    mine = {r["name"]: r for r in json.loads(out_json.read_text()) if still_valid(r, code)} \
+    mine = {r["name"]: r for r in json.loads(out_json.read_text()) if still_valid(r, provenance)} \
         if args.resume and out_json.exists() else {}
 
     def record(row: dict) -> None:  # each part's file holds the rows that part measured
@@ -197,14 +198,14 @@ def main(argv=None) -> None:
         if args.only is not None and not any(o in name for o in args.only):
             continue
         if name not in done:
-            record(run_row(name, cache, overrides))
+            record(run_row(name, cache, overrides, provenance))
     timing = [t for t in TIMING if args.only is None or any(o in t[0] for o in args.only)]
     if timing and not all(name in done for name, _, _ in timing):  # the four side by side, never half resumed
         best = max((r for r in done.values() if r["name"].startswith("recipe ")), key=lambda r: r["test_acc"])
         for folder in {cache for _, cache, _ in timing}:
             shutil.rmtree(RUNS / folder, ignore_errors=True)
         for name, cache, fixed in timing:
-            row = run_row(name, cache, best["overrides"] if fixed else [])
+            row = run_row(name, cache, best["overrides"] if fixed else [], provenance)
             if fixed:
                 row["recipe"] = best["name"].removeprefix("recipe ")
             record(row)

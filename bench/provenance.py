@@ -41,7 +41,7 @@ def code_version() -> dict:
         untracked = _git("ls-files", "--others", "--exclude-standard", "--", "tl_lightning") or ""
         if diff or untracked.strip():
             extra = hashlib.sha1((diff or "").encode())
-            for name in sorted(untracked.split()):
+            for name in sorted(untracked.splitlines()):
                 extra.update(name.encode() + b"\0" + (REPO / name).read_bytes())
             version += "+" + extra.hexdigest()[:12]
     return {"tl_lightning": version, "torch": torch.__version__}
@@ -54,4 +54,4 @@ def file_sha(relative: str) -> str:
 
 def same_code(recorded: Optional[dict], now: dict) -> bool:
     """A run recorded without a code version (older than this check) is never kept."""
-    return recorded is not None and recorded == now
+    return recorded == now
