@@ -49,3 +49,31 @@ def test_code_version_changes_with_an_uncommitted_edit(tmp_path, monkeypatch):
     shutil.rmtree(repo / ".git")  # not a checkout: the files' own hash
     assert provenance.code_version()["tl_lightning"].startswith("files:")
     assert not provenance.same_code(None, clean)
+
+
+def test_resume_keeps_a_run_only_under_the_same_code(tmp_path, capsys):
+    """bench.adaptation --resume: a finished run with the row's resolved configuration is kept under the same code,
+    and run again when its recorded code differs from now's or was never recorded."""
+    import argparse
+    import json
+
+    import yaml
+
+    from bench import adaptation
+    from bench.provenance import code_version
+
+    args = argparse.Namespace(workdir=str(tmp_path), quick=False, threads=1, code=code_version())
+    row = rows()[0]
+    run_dir = adaptation.run_dir_of(row, 0, args)
+    run_dir.mkdir(parents=True)
+    resolved = adaptation.resolved_config(adaptation.fit_command(row, 0, run_dir, quick=False))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved))
+    (run_dir / "bench_command.json").write_text("[]")
+    result = {"seed": 0, "target_acc": 0.5, "code": args.code, "tested": {"selected": "best-00.ckpt"}}
+    (run_dir / "bench_result.json").write_text(json.dumps(result))
+    assert adaptation.finished(row, 0, args) == result
+    (run_dir / "bench_result.json").write_text(json.dumps({**result, "code": {**args.code, "tl_lightning": "x"}}))
+    assert adaptation.finished(row, 0, args) is None
+    assert "measured with other code" in capsys.readouterr().out
+    (run_dir / "bench_result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "code"}))
+    assert adaptation.finished(row, 0, args) is None
