@@ -69,7 +69,8 @@ class Row:
 
 
 def rows() -> list[Row]:
-    k0 = ["--data.init_args.labelled_per_class=0", "--model.init_args.soft_label_weight=0"]  # as the README says
+    # as the README says: no soft labels, so no source stage, and the 20 adaptation epochs alone
+    k0 = ["--data.init_args.labelled_per_class=0", "--model.init_args.soft_label_weight=0", "--trainer.max_epochs=20"]
     uniform = ["--model.init_args.confusion=uniform", "--model.init_args.lambda_schedule=false"]
     return [
         Row("source-only", ["configs/adaptation/source_only.yaml"], labelled="0", published=57.5),
@@ -97,8 +98,8 @@ def fit_command(row: Row, seed: int, run_dir: Path, quick: bool) -> list[str]:
         cmd += ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                 "--trainer.callbacks.monitor=val/target_acc", "--trainer.callbacks.mode=max",
                 f"--trainer.callbacks.dirpath={run_dir / ORACLE}", f"--trainer.callbacks.filename={ORACLE}"]
-    if quick:  # the k rows pre-train on the source inside the run: one epoch of it in a smoke run
-        cmd += QUICK + ([] if row.overlays else ["--model.init_args.source_pretrain_epochs=1"])
+    if quick:  # the k rows have a source stage in the run: one epoch of it (and one of adaptation) in a smoke run
+        cmd += QUICK + ([] if row.overlays else ["--model.init_args.source_pretrain_epochs=1", "--trainer.max_epochs=2"])
     return cmd
 
 

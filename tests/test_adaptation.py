@@ -16,6 +16,7 @@ from tl_lightning.losses import (GradientReversal, class_soft_labels, confusion_
                                  soft_label_loss)
 from tl_lightning.methods.adaptation import DomainAdaptation
 from tl_lightning.methods.domain_statistics import add_target_statistics, target_statistics
+from tl_lightning.methods.source_stage import load_source_model
 
 CONFIG = "configs/adaptation/digits_offline.yaml"
 
@@ -213,19 +214,19 @@ class OwnershipProbe(L.Callback):
 @pytest.mark.parametrize("confusion", ["uniform", "gradient_reversal"])
 def test_each_optimizer_changes_only_its_parameters(confusion, tmp_path):
     L.seed_everything(0)
-    dm = _pair(2, source_per_class=3, batch_size=16)  # a 30-image source: the source stage is 2 steps
+    dm = _pair(2, source_per_class=3, batch_size=16, epoch=2)  # 2 steps per epoch: the source stage is epoch 0
     dm.setup()
     model = DomainAdaptation(backbone="digit_cnn", confusion=confusion, soft_label_weight=0.5,
                              source_pretrain_epochs=1, lambda_schedule=False,
                              confusion_weight=0.5, num_classes=dm.num_classes)
     probe = OwnershipProbe()
-    # manual optimisation counts optimizer steps: 2 batches = 4 steps
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[probe], default_root_dir=tmp_path)
     trainer.fit(model, dm)
     groups = [r["group"] for r in probe.records]
-    assert groups.count("domain") == 2 and groups.count("model") == 2 + 2  # source stage + 2 adaptation steps
+    assert groups.count("domain") == 2 and groups.count("model") == 2 + 2  # 2 source-stage + 2 adaptation steps
+    assert groups[:2] == ["model", "model"]  # the source stage steps the network alone
     all_params = {n for n, _ in model.named_parameters()}
     domain_params = {n for n in all_params if n.startswith("domain_classifier.")}
     for r in probe.records:
@@ -256,10 +257,10 @@ def test_source_stage_soft_labels_and_checkpoint_teacher(tmp_path):
     assert soft.argmax(1).eq(torch.arange(10)).float().mean() >= 0.5  # a trained teacher: mostly the true class
     assert not torch.allclose(soft, torch.full_like(soft, 0.1))
     with pytest.raises(TLError, match="cannot read source_checkpoint"):
-        adapt._load_teacher(str(tmp_path / "missing.ckpt"))
+        load_source_model(str(tmp_path / "missing.ckpt"), adapt.features, adapt.classifier)
     other = DomainAdaptation(backbone="digit_cnn", num_classes=3)
     with pytest.raises(TLError, match="other shapes"):
-        other._load_teacher(str(ckpt))
+        load_source_model(str(ckpt), other.features, other.classifier)
     with pytest.raises(TLError, match="source-trained model"):
         L.Trainer(max_epochs=1, default_root_dir=tmp_path, **kwargs).fit(
             DomainAdaptation(backbone="digit_cnn", soft_label_weight=1.0), dm)
@@ -396,22 +397,24 @@ def test_self_teacher_reads_the_source_with_source_statistics_and_seeds_the_targ
                              soft_label_weight=0.1, source_pretrain_epochs=2, temperature=2.0)
     seen = {}
 
-    class BeforeTheFirstAdaptationStep(L.Callback):  # runs after the module's source stage (on_train_start)
-        def on_train_epoch_start(self, trainer, pl_module):
+    class BeforeTheFirstAdaptationStep(L.Callback):  # epoch 2's first batch: after the source stage's end
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch != 2 or "stats" in seen:
+                return
             bn = pl_module.features.conv1[1]
             seen["stats"] = [t.clone() for t in (bn.running_mean, bn.target_running_mean,
                                                  bn.num_batches_tracked, bn.target_num_batches_tracked)]
             pl_module.eval()
             logits, targets = [], []
             with torch.no_grad():
-                for x, y in dm.source_loader(train=False):
+                for x, y in dm.source_loader():
                     logits.append(pl_module(x, 0))  # domain 0: the source, with the source statistics
                     targets.append(y)
             pl_module.train()
             seen["expected"] = class_soft_labels(torch.cat(logits), torch.cat(targets), 10, 2.0)
             seen["soft_labels"] = pl_module.soft_labels.clone()
 
-    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
               callbacks=[BeforeTheFirstAdaptationStep()]).fit(model, dm)
     source_mean, target_mean, source_seen, target_seen = seen["stats"]
@@ -424,29 +427,35 @@ def test_a_separate_teacher_is_pretrained_while_the_network_starts_from_its_init
     """init_from_source: false with source_pretrain_epochs: the pre-training epochs train a copy (the soft labels'
     teacher) and leave the adapted network, its BatchNorm statistics included, exactly at its initial state."""
     L.seed_everything(0)
-    dm = _pair(3, source_per_class=5, batch_size=5, epoch=1)
+    dm = _pair(3, source_per_class=5, batch_size=5, epoch=10)
     model = DomainAdaptation(backbone="digit_cnn", confusion="gradient_reversal", domain_batchnorm=True,
                              num_classes=10, soft_label_weight=0.1, source_pretrain_epochs=4, temperature=2.0,
                              init_from_source=False, lr=0.003)
-    initial = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("soft_labels", "source_"))}
+    initial = {k: v.clone() for k, v in model.state_dict().items()
+               if not k.startswith(("soft_labels", "source_", "teacher."))}
+    teacher_initial = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     seen = {}
 
-    class BeforeTheFirstAdaptationStep(L.Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
+    class BeforeTheFirstAdaptationStep(L.Callback):  # epoch 4's first batch: after the source stage's end
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch != 4 or "state" in seen:
+                return
             seen["state"] = {k: v.clone() for k, v in pl_module.state_dict().items() if k in initial}
             seen["soft_labels"] = pl_module.soft_labels.clone()
 
-    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    L.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
               callbacks=[BeforeTheFirstAdaptationStep()]).fit(model, dm)
     changed = [k for k, v in seen["state"].items() if not torch.equal(v, initial[k])]
     assert not changed, f"the source stage moved the adapted network: {changed[:3]}"
+    assert not any(torch.equal(v, teacher_initial[k]) for k, v in model.teacher.state_dict().items()
+                   if k.endswith("weight")), "the source stage must train the teacher"
     assert len(model.pretrain_history) == 4 and model.pretrain_history[-1] < model.pretrain_history[0]
     # the soft labels come from the trained teacher, not from the (untrained) network: each class's own
     # probability is higher than the untrained network gives it
     model.eval()
     with torch.no_grad():
-        batches = [(model(x, 0), y) for x, y in dm.source_loader(train=False)]
+        batches = [(model(x, 0), y) for x, y in dm.source_loader()]
     untrained = class_soft_labels(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), 10, 2.0)
     assert seen["soft_labels"].diagonal().mean() > untrained.diagonal().mean() + 0.01
     # without soft labels there is nothing to teach: no source stage at all

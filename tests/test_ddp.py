@@ -93,9 +93,9 @@ def same_predictions(one: list[str], two: list[str]) -> bool:
 # tests/test_finetune.py::test_ddp_two_cpu_processes_freeze_unfreeze
 METHOD_RUNS = {
     "DomainAdaptation": ("tl_lightning/methods/adaptation.py", "configs/adaptation/digits_offline.yaml",
-                         # the source pre-training stage (its own loop, gradient sync off, rank 0 broadcast),
-                         # soft labels, then the adaptation steps (paired loaders, two optimizers)
-                         ("--trainer.max_epochs=1", "--model.source_pretrain_epochs=1")),
+                         # the source stage (epoch 0, the network on the source alone), soft labels from it on
+                         # every rank, then the adaptation steps (paired loaders, two optimizers)
+                         ("--trainer.max_epochs=2", "--model.source_pretrain_epochs=1")),
     "ICaRL": ("tl_lightning/methods/incremental.py", "configs/incremental/digits_offline.yaml",
               ("--model.epochs_per_task=1",)),
 }

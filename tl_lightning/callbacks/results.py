@@ -56,6 +56,8 @@ class BestCheckpoint(ModelCheckpoint):
     # exist and ResultsWriter recorded the epoch's history row, so a resume neither repeats epochs (Lightning
     # >= 2.5 refreshes last.ckpt only together with a top-k save) nor loses the row of the last epoch.
     def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if not getattr(pl_module, "selectable", True):
+            return  # an epoch the method rules out (a stage before its model trains): no top-k candidate
         self._defer_last = trainer.state.fn == "fit" and not trainer.sanity_checking
         try:
             super().on_validation_end(trainer, pl_module)
@@ -69,7 +71,8 @@ class BestCheckpoint(ModelCheckpoint):
         self._last_written_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        super().on_train_epoch_end(trainer, pl_module)
+        if getattr(pl_module, "selectable", True):  # the top-k save (Lightning saves it here, or after validation)
+            super().on_train_epoch_end(trainer, pl_module)
         # not _should_skip_saving_checkpoint: it skips when a top-k checkpoint was saved at this step
         if self.save_last and not trainer.fast_dev_run and not trainer.sanity_checking \
                 and getattr(self, "_last_written_step", None) != trainer.global_step:

@@ -300,13 +300,10 @@ class DomainPairDataModule(L.LightningDataModule):
         streams["target_unlabelled"] = self._loader(self.splits["target_unlabelled"], self.batch_size, steps)
         return CombinedLoader(streams, mode="min_size")
 
-    def source_loader(self, train: bool = True) -> DataLoader:
-        """The source training split: shuffled with training transforms (``train``) or in order, deterministic
-        (for scoring it, e.g. soft labels)."""
+    def source_loader(self) -> DataLoader:
+        """The source training split in order, with deterministic transforms: for scoring it (soft labels)."""
         self.setup()
-        ds = self.source.split_dataset("train", deterministic=not train)
-        return self._loader(self._served(ds, not train or self.source.deterministic_train), self.batch_size,
-                            shuffle=train)
+        return self._loader(self._served(self.source.split_dataset("train", deterministic=True)), self.batch_size)
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         self.setup()

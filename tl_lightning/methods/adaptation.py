@@ -15,8 +15,11 @@ optimisation and two optimizers (one owns the feature extractor and classifier, 
   softmax (at τ) of a source-trained model over the source examples of each class, weighted by ν. The soft
   labels are computed once, before adaptation, from ``source_checkpoint`` (a checkpoint of a ``source_only``
   run; with ``init_from_source`` the network also starts from its weights) or, without it, from a model trained
-  on the source for ``source_pretrain_epochs`` before the trainer's ``max_epochs``: this network (warm start,
-  ``init_from_source: true``) or a separate copy of it (``false``: the network adapts from its initial weights).
+  on the source in the first ``source_pretrain_epochs`` epochs of the fit (the *source stage*, part of the
+  trainer's ``max_epochs``): this network (warm start, ``init_from_source: true``) or its ``teacher`` copy
+  (``false``: the network adapts from its initial weights). The stage is ordinary epochs of Lightning's loop
+  (a function of the epoch, like the unfreeze schedules): signals, checkpoints, resume and DDP work in it as in
+  any epoch; its epochs are never chosen as the best checkpoint (``selectable``).
 
 ``lr_annealing`` applies DANN's learning-rate schedule μ_p = μ_0/(1+10p)^0.75 per step to both optimizers.
 ``domain_batchnorm`` gives every BatchNorm layer of the backbone its own target running statistics (AdaBN, Li et
@@ -31,13 +34,12 @@ Logged: ``train/loss`` and every term (``loss_cls``, ``loss_domain``, ``loss_con
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
@@ -45,12 +47,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from tl_lightning.backbones import create_backbone
 from tl_lightning.data.domains import EVAL_DOMAINS, DomainPairDataModule
 from tl_lightning.errors import TLError
-from tl_lightning.losses import (class_soft_labels, confusion_loss, dann_lambda, domain_loss, grad_reverse,
-                                 soft_label_loss)
+from tl_lightning.losses import confusion_loss, dann_lambda, domain_loss, grad_reverse, soft_label_loss
 from tl_lightning.methods.base import TransferModule, build_metrics, make_head, task_loss
 from tl_lightning.methods.dev_risk import density_ratios, dev_risk
 from tl_lightning.methods.domain_statistics import (TARGET_PREFIX, add_target_statistics, seed_target_statistics,
                                                     target_statistics)
+from tl_lightning.methods.source_stage import load_source_model, source_model, source_soft_labels
 
 SOURCE, TARGET = 0, 1
 
@@ -102,7 +104,8 @@ class DomainAdaptation(TransferModule):
                 the one pre-trained for ``source_pretrain_epochs``. ``false``: the network starts from its
                 initial weights, and the pre-training epochs train a separate copy as the soft labels' teacher
                 (none without soft labels: then there is no source stage).
-            source_pretrain_epochs: epochs of source-only training before adaptation (and before soft labels).
+            source_pretrain_epochs: the source stage: the first epochs of the fit's loop (counted in the trainer's
+                ``max_epochs``), trained on the source alone before adaptation and soft labels.
             domain_hidden_dim: hidden width of the domain classifier (0 = linear).
             domain_input: what the domain classifier reads: ``embedding`` (the backbone's pooled output, which
                 the classifier reads too) or ``conv`` (the flattened output of ``forward_features``, the last
@@ -162,7 +165,12 @@ class DomainAdaptation(TransferModule):
         # balanced over the two domains (mean of per-domain recall): 50% when the domains are confused
         self.domain_metrics = nn.ModuleDict({stage: MulticlassAccuracy(num_classes=2, average="macro")
                                              for stage in ("val", "test")})
-        self.pretrain_history: list[float] = []
+        self.pretrain_history: list[float] = []  # the source stage's mean loss per epoch
+        # init_from_source: false with soft labels: the source stage trains this copy (the teacher), with its own
+        # optimizer, while the network keeps its initial weights; a submodule, so a resumed stage continues it
+        needs_copy = (mode == "adapt" and soft_label_weight > 0 and not init_from_source and not source_checkpoint
+                      and source_pretrain_epochs > 0)
+        self.teacher = source_model(self.features, self.classifier) if needs_copy else None
 
     # ----- network -------------------------------------------------------------------------------------------
     def _conv_dim(self) -> int:
@@ -222,13 +230,16 @@ class DomainAdaptation(TransferModule):
         domain_opt = self.optimizer_factory([{"params": list(self.domain_classifier.parameters()),
                                               "lr": self.domain_lr or self.lr, "weight_decay": self.weight_decay,
                                               "name": "domain"}])
+        teacher_opt = [] if self.teacher is None else [self.optimizer_factory(
+            [{"params": list(self.teacher.parameters()), "lr": self.lr, "weight_decay": self.weight_decay,
+              "name": "teacher"}])]
         if self.scheduler_factory is not None:
             factory = self.scheduler_factory
         elif self.lr_annealing:
             factory = functools.partial(LambdaLR, lr_lambda=lambda step: (1 + 10 * self.progress(step)) ** -0.75)
         else:
-            return [model_opt, domain_opt]
-        return [model_opt, domain_opt], [factory(model_opt), factory(domain_opt)]
+            return [model_opt, domain_opt] + teacher_opt
+        return [model_opt, domain_opt] + teacher_opt, [factory(model_opt), factory(domain_opt)]
 
     # ----- the source stage: pre-training and soft labels, once before adaptation -------------------------------
     def _pair(self) -> DomainPairDataModule:
@@ -252,114 +263,96 @@ class DomainAdaptation(TransferModule):
             if not self.source_checkpoint and self.source_pretrain_epochs < 1:
                 raise TLError("soft labels need a source-trained model: set source_checkpoint (a source_only "
                               "checkpoint) or source_pretrain_epochs >= 1.")
+        max_epochs = self.trainer.max_epochs
+        if self.source_stage_epochs and max_epochs is not None and 0 <= max_epochs <= self.source_stage_epochs:
+            raise TLError(f"max_epochs ({max_epochs}) counts the {self.source_stage_epochs} source_pretrain_epochs "
+                          "too, so no epoch would adapt; set trainer.max_epochs > source_pretrain_epochs.")
 
-    def on_train_start(self) -> None:
-        if bool(self.source_stage_done):
-            return
+    @property
+    def source_stage_epochs(self) -> int:
+        """Epochs of the source stage at the start of the fit: the network (warm start, ``init_from_source``) or
+        its ``teacher`` copy trained on the source alone; 0 with a ``source_checkpoint`` or nothing to teach."""
+        if self.source_checkpoint or self.mode == "target_only":
+            return 0
+        if not self.init_from_source and self.teacher is None:
+            return 0
+        return self.source_pretrain_epochs
+
+    @property
+    def in_source_stage(self) -> bool:
+        return self.current_epoch < self.source_stage_epochs  # a function of the epoch: no device sync per step
+
+    @property
+    def selectable(self) -> bool:
+        """Whether this epoch's model may be chosen as the best checkpoint: not in the source stage, whose model
+        is not adapted (``BestCheckpoint``)."""
+        return not self.in_source_stage
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._stage_loss = torch.zeros((), device=self.device), 0
+        if not bool(self.source_stage_done) and self.current_epoch >= self.source_stage_epochs:
+            self._finish_source_stage()
+
+    def _finish_source_stage(self) -> None:
+        """After the source stage (or at the start without one): the teacher's soft labels, the warm start from a
+        ``source_checkpoint``, and target BatchNorm statistics seeded from the trained source statistics."""
         if self.source_checkpoint:
-            teacher = self._load_teacher(self.source_checkpoint)
+            teacher = load_source_model(self.source_checkpoint, self.features, self.classifier).to(self.device)
             if self.init_from_source:
                 self.features.load_state_dict(teacher[0].state_dict())
                 self.classifier.load_state_dict(teacher[1].state_dict())
-        elif not self.init_from_source:  # the network adapts from its initial weights; a teacher only if needed
-            teacher = self._source_model() if self.uses_soft_labels else None
-            if teacher is not None:
-                self._pretrain(teacher, self.optimizer_factory([{"params": list(teacher.parameters()),
-                                                                  "lr": self.lr, "weight_decay": self.weight_decay}]))
         else:
-            teacher = self
-            if self.mode != "target_only":
-                self._pretrain(self, self.optimizers()[0].optimizer)
-        if self.domain_batchnorm:  # after the source stage: the target starts from the trained source statistics
+            teacher = self.teacher if self.teacher is not None else self
+        if self.domain_batchnorm:
             seed_target_statistics(self.features)
         if self.uses_soft_labels:
-            self.soft_labels.copy_(self._source_soft_labels(teacher))
+            read = (lambda x: self(x, SOURCE)) if teacher is self else teacher
+            was_training = teacher.training
+            teacher.eval()
+            soft = source_soft_labels(read, self._pair().source_loader(), self.num_classes,
+                                      self.temperature, self.device)
+            teacher.train(was_training)
+            # every rank read the whole source; its BatchNorm statistics are its own: one mean for all ranks
+            soft = self.trainer.strategy.reduce(soft.to(self.soft_labels), reduce_op="mean")
+            self.soft_labels.copy_(soft)
         self.source_stage_done.fill_(True)
+        if self.source_stage_epochs:
+            rank_zero_info(f"source stage done after {self.source_stage_epochs} epochs: adaptation starts at epoch "
+                           f"{self.current_epoch}")
 
-    def _source_model(self) -> nn.Sequential:
-        """A copy of this network as one source model (under ``domain_batchnorm`` it normalises with the source
-        statistics: the target's are used only inside ``target_statistics``)."""
-        return nn.Sequential(copy.deepcopy(self.features), copy.deepcopy(self.classifier)).to(self.device)
+    def _source_step(self, batch: dict) -> None:
+        """A step of the source stage: L_C on the source batch, for the network or its teacher copy."""
+        model_opt, _domain_opt, *teacher_opt = self.optimizers()
+        x, y = batch["source"]
+        logits = self.teacher(x) if self.teacher is not None else self(x, SOURCE)
+        loss = self.loss(logits, y)
+        self._step(teacher_opt[0] if teacher_opt else model_opt, loss)
+        total, count = self._stage_loss
+        self._stage_loss = total + loss.detach() * len(y), count + len(y)
+        self._log("loss", loss, len(y))
+        self._log("loss_cls", loss, len(y))
+        self._log_acc("source_acc", logits, y)
 
-    def _pretrain(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """``source_pretrain_epochs`` epochs of L_C on the source alone: of this network (with the model
-        optimizer) or of a separate teacher copy (with its own optimizer).
-
-        It runs outside the DDP wrapper's forward, so under DDP gradient sync is off (``no_sync``): every process
-        trains on the same source batches, and rank 0's weights are broadcast at the end to rule out drift.
-        """
-        read = (lambda x: self(x, SOURCE)) if model is self else model
-        wrapper = self.trainer.strategy.model if self.trainer.world_size > 1 else None
-        model.train()
-        for _ in range(self.source_pretrain_epochs):
-            total, count = torch.zeros((), device=self.device), 0
-            with wrapper.no_sync() if hasattr(wrapper, "no_sync") else contextlib.nullcontext():
-                for x, y in self._pair().source_loader(train=True):
-                    x, y = x.to(self.device), y.to(self.device)
-                    loss = self.loss(read(x), y)
-                    optimizer.zero_grad()
-                    self.manual_backward(loss)
-                    optimizer.step()
-                    total, count = total + loss.detach() * len(y), count + len(y)
-            if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-                for tensor in list(model.parameters()) + list(model.buffers()):
-                    torch.distributed.broadcast(tensor.data, src=0)
-            self.pretrain_history.append(float(total) / max(count, 1))
-            what = "source pre-training" if model is self else "source teacher"
-            print(f"{what} epoch {len(self.pretrain_history)}: loss {self.pretrain_history[-1]:.4f}")
-
-    def _load_teacher(self, path: str) -> nn.Sequential:
-        """The source model (``features.*`` and ``classifier.*`` weights) of a DomainAdaptation checkpoint."""
-        try:  # tensors and plain containers only: a checkpoint can not run code while it loads
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise TLError(f"cannot read source_checkpoint '{path}' ({e.__class__.__name__}); pass a checkpoint "
-                          "written by a tl_lightning source_only run (loaded with weights_only=True).") from e
-        state = state.get("state_dict", state)
-        teacher = self._source_model()
-        wanted = {f"{i}.{k}": f"{prefix}.{k}" for i, (prefix, part) in
-                  enumerate((("features", self.features), ("classifier", self.classifier)))
-                  for k in part.state_dict()}
-        for dst, src in list(wanted.items()):  # a source model without target statistics: the source's stand in
-            if src not in state and TARGET_PREFIX in src:
-                wanted[dst] = src.replace(TARGET_PREFIX, "")
-        missing = [src for src in wanted.values() if src not in state]
-        if missing:
-            raise TLError(f"checkpoint '{path}' does not hold this model's weights ({missing[0]} is missing); "
-                          "use a checkpoint of a DomainAdaptation source_only run with the same backbone.")
-        try:
-            teacher.load_state_dict({dst: state[src] for dst, src in wanted.items()})
-        except RuntimeError as e:
-            raise TLError(f"checkpoint '{path}' has other shapes than this model (another backbone or class "
-                          "count?); use a source_only run of the same configuration.") from e
-        return teacher
-
-    @torch.no_grad()
-    def _source_soft_labels(self, teacher: nn.Module) -> torch.Tensor:
-        """Per-class mean softmax at τ of ``teacher`` over the source training examples, read as source images
-        (this model as its own teacher normalises them with the source statistics under ``domain_batchnorm``)."""
-        was_training = teacher.training
-        teacher.eval()
-        read = (lambda x: self(x, SOURCE)) if teacher is self else teacher
-        logits, targets = [], []
-        for x, y in self._pair().source_loader(train=False):
-            logits.append(read(x.to(self.device)).float().cpu())
-            targets.append(y)
-        teacher.train(was_training)
-        return class_soft_labels(torch.cat(logits), torch.cat(targets), self.num_classes,
-                                 self.temperature).to(self.soft_labels)
+    def on_fit_end(self) -> None:
+        if not bool(self.source_stage_done) and self.source_stage_epochs:
+            rank_zero_warn(f"training stopped in the source stage (epoch {self.current_epoch} of "
+                           f"{self.source_stage_epochs}): the network was not adapted; raise max_epochs/max_steps.")
 
     # ----- training --------------------------------------------------------------------------------------------
     def progress(self, done: int) -> float:
         """p: the finished share of the training batches after ``done`` of them (1 when unbounded)."""
         total = self.trainer.estimated_stepping_batches
-        return min(done / total, 1.0) if total and total != float("inf") else 1.0
+        if not total or total == float("inf"):
+            return 1.0
+        total -= self.source_stage_epochs * self.trainer.num_training_batches  # adaptation steps only
+        return min(done / total, 1.0) if total > 0 else 1.0
 
     def adaptation_weight(self) -> float:
         """λ, times λ_p when scheduled."""
         if not self.lambda_schedule:
             return self.confusion_weight
-        done = self.current_epoch * self.trainer.num_training_batches + self._batch_idx
+        done = (self.current_epoch - self.source_stage_epochs) * self.trainer.num_training_batches + self._batch_idx
         return self.confusion_weight * dann_lambda(self.progress(done))
 
     def _log(self, name: str, value, batch_size: int) -> None:
@@ -371,7 +364,10 @@ class DomainAdaptation(TransferModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self._batch_idx = batch_idx
-        model_opt, domain_opt = self.optimizers()
+        if self.in_source_stage:
+            self._source_step(batch)
+            return
+        model_opt, domain_opt = self.optimizers()[:2]
         if self.mode != "adapt":
             domain = SOURCE if self.mode == "source_only" else TARGET
             x, y = batch["source"] if domain == SOURCE else batch["target_labelled"]
@@ -453,7 +449,22 @@ class DomainAdaptation(TransferModule):
             scheduler.step()
 
     def on_train_epoch_end(self) -> None:
+        if self.in_source_stage:
+            total, count = self._stage_loss
+            self.pretrain_history.append(float(total) / max(count, 1))
+            return
         self._step_schedulers("epoch")
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.teacher is not None and self._channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["source_pretrain_loss"] = list(self.pretrain_history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.pretrain_history = list(checkpoint.get("source_pretrain_loss", []))
 
     # ----- evaluation: target and source separately ----------------------------------------------------------
     def _eval_step(self, stage: str, batch, dataloader_idx: int) -> None:

@@ -160,6 +160,12 @@ class TransferModule(EpochLogging, L.LightningModule):
         """(metric, mode) that selects the best checkpoint."""
         return ("val/mAP", "max") if self.multilabel else ("val/acc", "max")
 
+    @property
+    def selectable(self) -> bool:
+        """Whether this epoch's model may become the best checkpoint (``BestCheckpoint``); a method says no for
+        epochs that do not train the model it reports (e.g. ``DomainAdaptation``'s source stage)."""
+        return True
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return task_loss(logits, targets, self.multilabel)
 
