@@ -41,9 +41,7 @@ FAST = (
 
 @pytest.fixture
 def md5_check_off(monkeypatch):
-    """torchvision checks SVHN's and Flowers102's .mat files against the official MD5s; fixtures can't match."""
-    import torchvision.datasets.flowers102 as flowers
+    """torchvision checks SVHN's .mat files against the official MD5s; fixtures can't match."""
     import torchvision.datasets.svhn as svhn
 
     monkeypatch.setattr(svhn, "check_integrity", lambda *a, **k: True)
-    monkeypatch.setattr(flowers, "check_integrity", lambda *a, **k: True)

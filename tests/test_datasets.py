@@ -133,7 +133,7 @@ def test_svhn_missing_file_and_torchvision_integrity_check(tmp_path):
 
 
 # ----- Flowers102 ----------------------------------------------------------------------------------------------------
-def test_flowers102_official_split_and_labels(tmp_path, md5_check_off):
+def test_flowers102_official_split_and_labels(tmp_path):
     from scipy.io import loadmat
 
     data = write_flowers102(tmp_path, n_classes=3, per_split=2, n_test=3)
@@ -156,12 +156,21 @@ def test_flowers102_official_split_and_labels(tmp_path, md5_check_off):
     assert len(Flowers102DataModule(data_dir=os.path.join(data, "flowers-102"), **SMALL).build_split("val")) == 6
 
 
-def test_flowers102_missing_and_incomplete(tmp_path, md5_check_off):
+def test_flowers102_missing_incomplete_and_corrupt(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"setid\.mat.*robots\.ox\.ac\.uk"):
         Flowers102DataModule(data_dir=str(tmp_path), **SMALL).setup()
     data = write_flowers102(tmp_path / "f")
     os.remove(os.path.join(data, "flowers-102", "jpg", "image_00002.jpg"))
     with pytest.raises(DatasetNotFoundError, match=r"1 of \d+ files missing, first '.*image_00002\.jpg'"):
+        Flowers102DataModule(data_dir=data, **SMALL).setup()
+    setid = os.path.join(data, "flowers-102", "setid.mat")
+    with open(setid, "wb") as f:
+        f.write(b"not a mat file")
+    with pytest.raises(TLError, match=r"cannot read the Flowers102 metadata .*replace imagelabels\.mat and setid\.mat"):
+        Flowers102DataModule(data_dir=data, **SMALL).setup()
+    from scipy.io import savemat
+    savemat(setid, {"trnid": [[1, 99999]], "valid": [[1]], "tstid": [[1]]})  # an id past the last image
+    with pytest.raises(TLError, match=r"do not match \(image ids must be 1\.\.\d+"):
         Flowers102DataModule(data_dir=data, **SMALL).setup()
 
 

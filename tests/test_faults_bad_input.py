@@ -121,3 +121,29 @@ def test_a_truncated_gzip_archive_is_one_sentence_and_leaves_no_partial_file(tmp
     with pytest.raises(TLError, match=r"^cannot unpack '.*cut\.gz' \(EOFError: .*\); replace it with the official"):
         gunzip(str(cut), str(tmp_path / "out"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gz", "train-images-idx3-ubyte.gz", "whole"]
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ({"class_path": "torch.nn.Linear"}, "does not correspond to a subclass of UnfreezeStrategy"),
+    ({"class_path": "tl_lightning.callbacks.unfreeze.FreezeUnfreeze", "init_args": {"unfreeze_at": 2}},
+     "Option 'unfreeze_at' is not accepted"),
+    ({"class_path": "tl_lightning.callbacks.unfreeze.Nope"}, "has no attribute 'Nope'"),
+])
+def test_a_bad_unfreeze_class_path_is_one_sentence_before_anything_is_built(spec, reason):
+    from tl_lightning.callbacks.unfreeze import make_strategy
+
+    with pytest.raises(TLError, match=r"^cannot build an unfreeze strategy from '[\w.]+' \(") as e:
+        make_strategy(spec)
+    assert reason in str(e.value) and str(e.value).endswith("or a subclass of UnfreezeStrategy.")
+    assert make_strategy({"class_path": "tl_lightning.callbacks.unfreeze.FreezeUnfreeze",
+                          "init_args": {"unfreeze_at_epoch": 3}}).unfreeze_at_epoch == 3
+
+
+def test_a_domain_pair_with_a_bad_child_class_path_is_one_sentence():
+    from tl_lightning.data.domains import build_datamodule
+
+    with pytest.raises(TLError, match=r"cannot build a DataModule from 'tl_lightning.data.DigitsDataModule' "
+                                      r"\(.*Option 'sede' is not accepted.*\); check its class_path and init_args\."):
+        build_datamodule({"class_path": "tl_lightning.data.DigitsDataModule", "init_args": {"sede": 1}})
+    built = build_datamodule({"class_path": "tl_lightning.data.DigitsDataModule", "init_args": {"seed": 4}})
+    assert type(built).__name__ == "DigitsDataModule" and built.seed == 4

@@ -79,16 +79,17 @@ def test_source_checkpoint_loads_with_weights_only(tmp_path):
 
     from tl_lightning.errors import TLError
     from tl_lightning.methods.adaptation import DomainAdaptation
+    from tl_lightning.methods.source_stage import load_source_model
 
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": _RunsCodeOnLoad(marker)}, evil)
     adapt = DomainAdaptation(backbone="digit_cnn", num_classes=10)
     with pytest.raises(TLError, match=r"cannot read source_checkpoint .*weights_only=True"):
-        adapt._load_teacher(str(evil))
+        load_source_model(str(evil), adapt.features, adapt.classifier)
     assert not marker.exists()
     # a checkpoint the project writes (tensors only) still loads with weights_only=True
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": {f"features.{k}": v for k, v in adapt.features.state_dict().items()} |
                 {f"classifier.{k}": v for k, v in adapt.classifier.state_dict().items()}}, good)
-    assert adapt._load_teacher(str(good)) is not None
+    assert load_source_model(str(good), adapt.features, adapt.classifier) is not None

@@ -1,7 +1,8 @@
 """Plots as logger media: the test confusion matrix, and every PNG a run writes into its run directory.
 
 ``ConfusionMatrix`` reads the logits the model's ``forward`` returns during ``test`` (a forward hook, so
-nothing is computed twice), sums the matrix over all ranks and writes ``<run dir>/confusion_matrix.png`` and
+nothing is computed twice) into torchmetrics' ``MulticlassConfusionMatrix``, which sums it over all ranks, and
+writes ``<run dir>/confusion_matrix.png`` and
 the counts in ``confusion_matrix.json`` (rank 0). ``log_run_media`` logs the run's PNGs (learning curves,
 confusion and accuracy matrices, ...) to every logger that takes images, e.g. W&B; the CLI calls it when a
 command has written its results.
@@ -17,6 +18,7 @@ from typing import Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tl_lightning.atomic import save_figure, write_text
 from tl_lightning.plots import log_image
@@ -31,16 +33,16 @@ class ConfusionMatrix(L.Callback):
 
     def __init__(self, filename: str = CONFUSION_PNG):
         self.filename = filename
-        self.matrix: Optional[torch.Tensor] = None
+        self.matrix: Optional[torch.Tensor] = None  # the last test's counts
+        self._metric: Optional[MulticlassConfusionMatrix] = None
         self._logits: Optional[torch.Tensor] = None
         self._hook = None
 
     def on_test_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        self.matrix = None
+        self.matrix, self._metric = None, None
         if getattr(pl_module, "multilabel", False) or not getattr(pl_module, "num_classes", 0):
             return
-        n = int(pl_module.num_classes)
-        self.matrix = torch.zeros(n, n, dtype=torch.long, device=pl_module.device)
+        self._metric = MulticlassConfusionMatrix(num_classes=int(pl_module.num_classes)).to(pl_module.device)
 
         def keep_logits(module, inputs, output):
             self._logits = output if isinstance(output, torch.Tensor) else None
@@ -51,24 +53,23 @@ class ConfusionMatrix(L.Callback):
         logits, self._logits = self._logits, None
         if dataloader_idx != 0:  # the primary test split only (e.g. the target domain, not the source)
             return
-        if self.matrix is None or logits is None or not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        if self._metric is None or logits is None or not isinstance(batch, (list, tuple)) or len(batch) < 2:
             return
         y = batch[1]
-        n = self.matrix.shape[0]
+        n = self._metric.num_classes
         if not isinstance(y, torch.Tensor) or y.ndim != 1 or logits.ndim != 2 or logits.shape != (len(y), n):
             return
-        pred = logits.argmax(1).to(self.matrix.device)
-        y = y.to(self.matrix.device)
         keep = (y >= 0) & (y < n)
-        self.matrix += torch.bincount(y[keep] * n + pred[keep], minlength=n * n).view(n, n)
+        self._metric.update(logits.detach()[keep].argmax(1), y[keep])
 
     def on_test_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.matrix is None:
+        if self._metric is None:
             return
-        self.matrix = trainer.strategy.reduce(self.matrix, reduce_op="sum")  # every rank's share of the split
+        self.matrix = self._metric.compute()  # summed over every rank's share of the split
+        self._metric = None
         if trainer.is_global_zero and int(self.matrix.sum()) > 0:
             names = list(getattr(pl_module, "class_names", None) or range(self.matrix.shape[0]))
             names = [str(n) for n in names]

@@ -34,13 +34,21 @@ def run_checkpoint(trainer: "L.Trainer") -> Optional[ModelCheckpoint]:
 
 
 class BestCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that monitors the method's own metric and writes to ``<run dir>/checkpoints``."""
+    """``ModelCheckpoint`` that monitors the method's own metric and writes to ``<run dir>/checkpoints``.
 
-    def __init__(self, **kwargs):
-        kwargs.setdefault("save_last", True)
+    ``last.ckpt`` is written by this class (``save_last``), through public APIs only, once per epoch at the end of
+    the training epoch: after the epoch's training metrics exist and ``ResultsWriter`` recorded the epoch's history
+    row, so a resume neither repeats epochs nor loses the row of the last epoch (Lightning's own ``save_last``
+    refreshes ``last.ckpt`` only together with a top-k save since 2.5, and after validation, before the row).
+    An epoch the method rules out (``selectable`` false, e.g. a stage before its model trains) is never a top-k
+    candidate; its ``last.ckpt`` is written as any other.
+    """
+
+    def __init__(self, save_last: bool = True, **kwargs):
         kwargs.setdefault("filename", "best-{epoch:02d}")
         kwargs.setdefault("auto_insert_metric_name", False)
-        super().__init__(**kwargs)
+        super().__init__(save_last=False, **kwargs)
+        self.write_last = save_last
         self._own_monitor = kwargs.get("monitor") is None
 
     def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
@@ -52,31 +60,17 @@ class BestCheckpoint(ModelCheckpoint):
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
 
-    # last.ckpt is written once per epoch at the end of the training epoch, after the epoch's training metrics
-    # exist and ResultsWriter recorded the epoch's history row, so a resume neither repeats epochs (Lightning
-    # >= 2.5 refreshes last.ckpt only together with a top-k save) nor loses the row of the last epoch.
     def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if not getattr(pl_module, "selectable", True):
-            return  # an epoch the method rules out (a stage before its model trains): no top-k candidate
-        self._defer_last = trainer.state.fn == "fit" and not trainer.sanity_checking
-        try:
+        if getattr(pl_module, "selectable", True):  # the top-k save (after validation, or at the epoch's end)
             super().on_validation_end(trainer, pl_module)
-        finally:
-            self._defer_last = False
-
-    def _save_last_checkpoint(self, trainer: "L.Trainer", monitor_candidates: dict) -> None:
-        if getattr(self, "_defer_last", False):
-            return
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-        self._last_written_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if getattr(pl_module, "selectable", True):  # the top-k save (Lightning saves it here, or after validation)
+        if getattr(pl_module, "selectable", True):
             super().on_train_epoch_end(trainer, pl_module)
-        # not _should_skip_saving_checkpoint: it skips when a top-k checkpoint was saved at this step
-        if self.save_last and not trainer.fast_dev_run and not trainer.sanity_checking \
-                and getattr(self, "_last_written_step", None) != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.write_last and not trainer.fast_dev_run and not trainer.sanity_checking:
+            path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+            trainer.save_checkpoint(path, weights_only=self.save_weights_only)  # every rank: rank 0 writes
+            self.last_model_path = path
 
 
 def epoch_row(trainer: "L.Trainer", validated: bool) -> dict:

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from tl_lightning.errors import TLError
+from tl_lightning.instantiate import instantiate
 
 
 class UnfreezeStrategy(Callback):
@@ -215,11 +216,6 @@ def make_strategy(spec: Union[str, dict, UnfreezeStrategy, None]) -> UnfreezeStr
             raise TLError(f"unknown unfreeze strategy '{spec}'; choose one of {', '.join(STRATEGIES)}.")
         return STRATEGIES[spec]()
     if isinstance(spec, dict) and "class_path" in spec:
-        import importlib
-
-        module, _, name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module or __name__), name, None)
-        if not (isinstance(cls, type) and issubclass(cls, UnfreezeStrategy)):
-            raise TLError(f"'{spec['class_path']}' is not an unfreeze strategy; use one of {', '.join(STRATEGIES)}.")
-        return cls(**(spec.get("init_args") or {}))
+        return instantiate(spec, UnfreezeStrategy, "an unfreeze strategy",
+                           f"use one of {', '.join(STRATEGIES)} or a subclass of UnfreezeStrategy.")
     raise TLError(f"cannot read unfreeze strategy {spec!r}; give a name ({', '.join(STRATEGIES)}) or a class_path.")

@@ -23,7 +23,6 @@ target and source accuracy separately.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
 from typing import Callable, Literal, Optional, Union
@@ -38,6 +37,7 @@ from torchvision.transforms import Compose, Normalize
 from tl_lightning.backbones import DEFAULT_BACKBONE
 from tl_lightning.data.base import SampleSet, TLDataModule, check_batch_size, default_num_workers, per_class_subset
 from tl_lightning.errors import TLError
+from tl_lightning.instantiate import instantiate
 
 #: order of the validation/test loaders
 EVAL_DOMAINS = ("target", "source")
@@ -124,12 +124,7 @@ def build_datamodule(spec: Union[TLDataModule, dict]) -> TLDataModule:
         return spec
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise TLError("source and target must each be a TLDataModule or {class_path, init_args}; fix the data config.")
-    module, _, name = spec["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise TLError(f"cannot import DataModule '{spec['class_path']}'; check its class_path.") from e
-    return cls(**(spec.get("init_args") or {}))
+    return instantiate(spec, TLDataModule, "a DataModule", "check its class_path and init_args.")
 
 
 class DomainPairDataModule(L.LightningDataModule):

@@ -4,8 +4,8 @@ On-disk contract: ``flowers-102/`` (torchvision's ``Flowers102`` layout) holding
 (1-based ids), ``imagelabels.mat`` (key ``labels``: 1-based class of each image) and ``setid.mat`` (keys
 ``trnid``, ``valid``, ``tstid``: image ids of each split); ``data_dir`` is the folder that holds
 ``flowers-102/`` or ``flowers-102/`` itself. Get ``102flowers.tgz``, ``imagelabels.mat`` and ``setid.mat`` from
-https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ or use ``download: true``. torchvision checks the MD5 of
-the two ``.mat`` files.
+https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ or use ``download: true`` (torchvision downloads them and
+checks their MD5s). The ``.mat`` files are read with ``scipy.io.loadmat``.
 
 Splits: the official ones from ``setid.mat``: 1,020 train / 1,020 val / 6,149 test (10 + 10 images per
 class to train and validate on; the rest is the test set). The metric is accuracy.
@@ -34,8 +34,31 @@ def _is_root(path: str) -> bool:
     return all(os.path.exists(os.path.join(folder, f)) for f in ("jpg", "imagelabels.mat", "setid.mat"))
 
 
+SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
+
+
+def read_split(folder: str, split: str) -> FileSource:
+    """The images and 0-based classes of an official split, from ``imagelabels.mat`` and ``setid.mat`` in
+    ``folder`` (``flowers-102/``)."""
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
+
+    try:
+        labels = loadmat(os.path.join(folder, "imagelabels.mat"))["labels"].ravel().astype(int)
+        ids = loadmat(os.path.join(folder, "setid.mat"))[SPLIT_KEYS[split]].ravel().astype(int)
+    except (MatReadError, OSError, ValueError, KeyError, TypeError) as e:
+        raise TLError(f"cannot read the Flowers102 metadata in '{folder}' ({e.__class__.__name__}: "
+                      f"{' '.join(str(e).split())}); replace imagelabels.mat and setid.mat with the official "
+                      "files.") from e
+    if len(ids) and (ids.min() < 1 or ids.max() > len(labels)) or (len(labels) and labels.min() < 1):
+        raise TLError(f"setid.mat or imagelabels.mat in '{folder}' do not match (image ids must be 1..{len(labels)} "
+                      "and classes 1-based); replace them with the official files.")
+    paths = [os.path.join(folder, "jpg", f"image_{i:05d}.jpg") for i in ids]
+    return FileSource(paths, (labels[ids - 1] - 1).tolist())
+
+
 class Flowers102DataModule(TLDataModule):
-    """Flowers102 via ``torchvision.datasets.Flowers102`` with the official train/val/test split."""
+    """Flowers102 with the official train/val/test split (``setid.mat``)."""
 
     def __init__(self, download: bool = False, **kwargs):
         """
@@ -66,15 +89,7 @@ class Flowers102DataModule(TLDataModule):
         return CONTRACT.find_root(data_dir, candidates, _is_root)
 
     def build_split(self, split: str) -> Optional[Source]:
-        from torchvision.datasets import Flowers102
-
-        root = self.root()
-        try:
-            ds = Flowers102(root, split=split)
-        except (RuntimeError, ValueError, KeyError, TypeError, OSError) as e:
-            raise TLError(f"cannot read the Flowers102 metadata in '{os.path.join(root, FOLDER)}' "
-                          f"({e.__class__.__name__}: {' '.join(str(e).split())}); replace imagelabels.mat and "
-                          f"setid.mat with the official files.") from e
-        paths = [str(p) for p in ds._image_files]
-        CONTRACT.require_files(os.path.join(root, FOLDER), paths)
-        return FileSource(paths, ds._labels)
+        folder = os.path.join(self.root(), FOLDER)
+        source = read_split(folder, split)
+        CONTRACT.require_files(folder, source.paths)
+        return source

@@ -33,6 +33,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -323,9 +324,9 @@ class ICaRL(TransferModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
         nme = result["seen"]["nme"]
-        print(f"[iCaRL] task {task + 1}/{self.dm.num_tasks}: {self.classes_seen[-1]} classes seen, "
-              f"exemplars {len(self.memory)}, accuracy CNN {100 * result['seen']['cnn']:.1f}%"
-              + (f", NME {100 * nme:.1f}%" if nme is not None else ""), flush=True)
+        rank_zero_info(f"[iCaRL] task {task + 1}/{self.dm.num_tasks}: {self.classes_seen[-1]} classes seen, "
+                       f"exemplars {len(self.memory)}, accuracy CNN {100 * result['seen']['cnn']:.1f}%"
+                       + (f", NME {100 * nme:.1f}%" if nme is not None else ""))
 
     # ----- feature cache (frozen backbone) ---------------------------------------------------------------------
     def _cached_split(self, split: str) -> tuple[torch.Tensor, np.ndarray]:
