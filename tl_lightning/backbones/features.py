@@ -115,6 +115,18 @@ class FeatureExtractor(nn.Module):
         return torch.cat(outputs, dim=1)
 
 
+@torch.no_grad()
+def conv_feature_dim(model: nn.Module) -> int:
+    """Width of the flattened ``forward_features`` output (the last conv block) at the model's configured input
+    size (timm's ``pretrained_cfg``)."""
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    was_training = model.training
+    model.eval()
+    dim = model.forward_features(torch.zeros(1, *size)).flatten(1).shape[1]
+    model.train(was_training)
+    return dim
+
+
 def _pooled(out: torch.Tensor) -> torch.Tensor:
     """Spatial mean of a feature map ([N, C, ...] -> [N, C]); vectors are flattened."""
     return out.flatten(2).mean(-1) if out.ndim > 2 else out.flatten(1)

@@ -8,56 +8,43 @@ optimisation and two optimizers (one owns the feature extractor and classifier, 
 * **L_D** - the domain classifier's cross-entropy (source = 0, target = 1) on detached features, its own step;
 * **L_conf** (``confusion: uniform``) - the representation step: cross-entropy of the domain classifier's
   prediction against the *uniform* domain distribution, weighted by λ; it alternates with the L_D step;
-* ``confusion: gradient_reversal`` (DANN) - one step through a gradient-reversal layer scaled by λ·λ_p,
-  λ_p = 2/(1+exp(-10p)) - 1 from training progress p; ``confusion: none`` trains the domain classifier only as
-  a probe (its accuracy shows how separable the domains are);
-* **L_soft** - cross-entropy of the labelled target's prediction at temperature τ against the per-class mean
-  softmax (at τ) of a source-trained model over the source examples of each class, weighted by ν. The soft
-  labels are computed once, before adaptation, from ``source_checkpoint`` (a checkpoint of a ``source_only``
-  run; with ``init_from_source`` the network also starts from its weights) or, without it, from a model trained
-  on the source in the first ``source_pretrain_epochs`` epochs of the fit (the *source stage*, part of the
-  trainer's ``max_epochs``): this network (warm start, ``init_from_source: true``) or its ``teacher`` copy
-  (``false``: the network adapts from its initial weights). The stage is ordinary epochs of Lightning's loop
-  (a function of the epoch, like the unfreeze schedules): signals, checkpoints, resume and DDP work in it as in
-  any epoch; its epochs are never chosen as the best checkpoint (``selectable``).
+  ``confusion: gradient_reversal`` (DANN) is one step through a gradient-reversal layer scaled by λ (times λ_p);
+  ``confusion: none`` trains the domain classifier only as a probe of how separable the domains are;
+* **L_soft** - cross-entropy of the labelled target's prediction at temperature τ against the soft labels, the
+  per-class mean softmax at τ of a source-trained model (``source_stage.py``: a ``source_checkpoint`` or the
+  first ``source_pretrain_epochs`` epochs of the fit), weighted by ν.
 
-``lr_annealing`` applies DANN's learning-rate schedule μ_p = μ_0/(1+10p)^0.75 per step to both optimizers.
-``domain_batchnorm`` gives every BatchNorm layer of the backbone its own target running statistics (AdaBN, Li et
-al. 2016; Chang et al. 2019): each domain is then forwarded on its own and normalised with its own statistics.
-
-Baselines from the same module: ``mode: source_only`` (L_C on the source alone) and ``mode: target_only``
-(L_C on the labelled target; with ``labelled_per_class: null`` this is train-on-target).
+The pieces, one concern each: ``source_stage.py`` (the source model, soft labels and the stage's epochs),
+``adaptation_schedule.py`` (λ_p, μ_p), ``domain_evaluation.py`` (per-domain evaluation, the best checkpoint's
+metric, DEV), ``domain_statistics.py`` (per-domain BatchNorm, ``domain_batchnorm``). Baselines from the same
+module: ``mode: source_only`` and ``mode: target_only`` (with ``labelled_per_class: null``: train-on-target).
 
 Logged: ``train/loss`` and every term (``loss_cls``, ``loss_domain``, ``loss_conf``, ``loss_soft``),
 ``train/lambda``, ``train/{source,target}_acc``, ``train/domain_acc``; ``{val,test}/{target,source}_acc`` and
-``{val,test}/domain_acc`` (balanced over the domains: about 50% when confusion works). The best checkpoint follows ``val/target_acc``.
+``{val,test}/domain_acc`` (balanced over the domains: about 50% when confusion works).
 """
 from __future__ import annotations
 
-import functools
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics.classification import MulticlassAccuracy
 
 from tl_lightning.backbones import create_backbone
-from tl_lightning.data.domains import EVAL_DOMAINS, DomainPairDataModule
+from tl_lightning.backbones.features import conv_feature_dim
+from tl_lightning.data.domains import DomainPairDataModule
 from tl_lightning.errors import TLError
-from tl_lightning.losses import confusion_loss, dann_lambda, domain_loss, grad_reverse, soft_label_loss
-from tl_lightning.methods.base import TransferModule, build_metrics, make_head, task_loss
-from tl_lightning.methods.dev_risk import density_ratios, dev_risk
-from tl_lightning.methods.domain_statistics import (TARGET_PREFIX, add_target_statistics, seed_target_statistics,
-                                                    target_statistics)
-from tl_lightning.methods.source_stage import load_source_model, source_model, source_soft_labels
+from tl_lightning.losses import confusion_loss, domain_loss, grad_reverse, soft_label_loss
+from tl_lightning.methods.adaptation_schedule import AdaptationSchedule
+from tl_lightning.methods.base import TransferModule, make_head
+from tl_lightning.methods.domain_evaluation import DomainEvaluation, domain_evaluation_metrics
+from tl_lightning.methods.domain_statistics import SOURCE, TARGET, add_target_statistics, target_statistics
+from tl_lightning.methods.source_stage import SourceStage, source_model
 
-SOURCE, TARGET = 0, 1
+__all__ = ["DomainAdaptation", "SOURCE", "TARGET"]
 
 
-class DomainAdaptation(TransferModule):
+class DomainAdaptation(SourceStage, AdaptationSchedule, DomainEvaluation, TransferModule):
     """Tzeng et al. (2015) domain confusion + soft labels, DANN, and the source-only / train-on-target baselines."""
 
     def __init__(
@@ -152,19 +139,14 @@ class DomainAdaptation(TransferModule):
                           "backbone with BatchNorm (e.g. digit_cnn) or set domain_batchnorm: false.")
         self.classifier = make_head(feature_dim, self.num_classes, hidden_dim, dropout)
         self.domain_input = domain_input
-        self.domain_dim = feature_dim if domain_input == "embedding" else self._conv_dim()
+        self.domain_dim = feature_dim if domain_input == "embedding" else conv_feature_dim(self.features)
         self.domain_classifier = make_head(self.domain_dim, 2, domain_hidden_dim)
         self.selection = selection
         self._dev_parts: dict[str, list[torch.Tensor]] = {}
         self.register_buffer("soft_labels", torch.full((self.num_classes, self.num_classes), 1.0 / self.num_classes))
         # set once the source stage (pre-training, soft labels) is done; saved in checkpoints, so resumes skip it
         self.register_buffer("source_stage_done", torch.tensor(False))
-        self.eval_metrics = nn.ModuleDict({
-            f"{stage}_{domain}": build_metrics(self.num_classes, self.multilabel).clone(prefix=f"{stage}/{domain}_")
-            for stage in ("val", "test") for domain in EVAL_DOMAINS})
-        # balanced over the two domains (mean of per-domain recall): 50% when the domains are confused
-        self.domain_metrics = nn.ModuleDict({stage: MulticlassAccuracy(num_classes=2, average="macro")
-                                             for stage in ("val", "test")})
+        self.eval_metrics, self.domain_metrics = domain_evaluation_metrics(self.num_classes, self.multilabel)
         self.pretrain_history: list[float] = []  # the source stage's mean loss per epoch
         # init_from_source: false with soft labels: the source stage trains this copy (the teacher), with its own
         # optimizer, while the network keeps its initial weights; a submodule, so a resumed stage continues it
@@ -173,16 +155,6 @@ class DomainAdaptation(TransferModule):
         self.teacher = source_model(self.features, self.classifier) if needs_copy else None
 
     # ----- network -------------------------------------------------------------------------------------------
-    def _conv_dim(self) -> int:
-        """Width of the flattened conv features at the backbone's configured input size."""
-        size = self.features.pretrained_cfg.get("input_size", (3, 224, 224))
-        was_training = self.features.training
-        self.features.eval()
-        with torch.no_grad():
-            dim = self.features.forward_features(torch.zeros(1, *size)).flatten(1).shape[1]
-        self.features.train(was_training)
-        return dim
-
     def trunk(self, x: torch.Tensor, domain: int = TARGET) -> tuple[torch.Tensor, torch.Tensor]:
         """(what the domain classifier reads, what the classifier reads) for images from ``domain``, normalised
         with that domain's statistics under ``domain_batchnorm``; the same tensor unless ``domain_input: conv``."""
@@ -206,20 +178,6 @@ class DomainAdaptation(TransferModule):
         """Logits; predictions are for the target domain."""
         return self.classifier(self.embed(x, domain))
 
-    @property
-    def selects_by_dev(self) -> bool:
-        """Whether the best checkpoint follows ``val/dev_risk`` (``selection``; ``auto``: when k = 0)."""
-        if self.selection != "auto":
-            return self.selection == "dev"
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        return not self.multilabel and isinstance(dm, DomainPairDataModule) and dm.labelled_per_class == 0
-
-    @property
-    def monitor(self) -> tuple[str, str]:
-        if self.selects_by_dev:
-            return "val/dev_risk", "min"
-        return ("val/target_mAP", "max") if self.multilabel else ("val/target_acc", "max")
-
     def model_parameters(self) -> list[nn.Parameter]:
         """What the first optimizer owns: feature extractor and classifier."""
         return list(self.features.parameters()) + list(self.classifier.parameters())
@@ -233,128 +191,11 @@ class DomainAdaptation(TransferModule):
         teacher_opt = [] if self.teacher is None else [self.optimizer_factory(
             [{"params": list(self.teacher.parameters()), "lr": self.lr, "weight_decay": self.weight_decay,
               "name": "teacher"}])]
-        if self.scheduler_factory is not None:
-            factory = self.scheduler_factory
-        elif self.lr_annealing:
-            factory = functools.partial(LambdaLR, lr_lambda=lambda step: (1 + 10 * self.progress(step)) ** -0.75)
-        else:
-            return [model_opt, domain_opt] + teacher_opt
-        return [model_opt, domain_opt] + teacher_opt, [factory(model_opt), factory(domain_opt)]
-
-    # ----- the source stage: pre-training and soft labels, once before adaptation -------------------------------
-    def _pair(self) -> DomainPairDataModule:
-        return self.required_datamodule(
-            DomainPairDataModule, "use data.class_path: tl_lightning.data.domains.DomainPairDataModule (a "
-            "source/target pair).")
-
-    @property
-    def uses_soft_labels(self) -> bool:
-        return self.mode == "adapt" and self.soft_label_weight > 0
-
-    def on_fit_start(self) -> None:
-        dm = self._pair()
-        if self.mode == "target_only" and not dm.has_labelled_target:
-            raise TLError("mode target_only needs labelled target samples; set data labelled_per_class > 0 "
-                          "or null (all).")
-        if self.uses_soft_labels:
-            if not dm.has_labelled_target:
-                raise TLError("soft labels apply to labelled target samples; set data labelled_per_class > 0 "
-                              "or soft_label_weight: 0.")
-            if not self.source_checkpoint and self.source_pretrain_epochs < 1:
-                raise TLError("soft labels need a source-trained model: set source_checkpoint (a source_only "
-                              "checkpoint) or source_pretrain_epochs >= 1.")
-        max_epochs = self.trainer.max_epochs
-        if self.source_stage_epochs and max_epochs is not None and 0 <= max_epochs <= self.source_stage_epochs:
-            raise TLError(f"max_epochs ({max_epochs}) counts the {self.source_stage_epochs} source_pretrain_epochs "
-                          "too, so no epoch would adapt; set trainer.max_epochs > source_pretrain_epochs.")
-
-    @property
-    def source_stage_epochs(self) -> int:
-        """Epochs of the source stage at the start of the fit: the network (warm start, ``init_from_source``) or
-        its ``teacher`` copy trained on the source alone; 0 with a ``source_checkpoint`` or nothing to teach."""
-        if self.source_checkpoint or self.mode == "target_only":
-            return 0
-        if not self.init_from_source and self.teacher is None:
-            return 0
-        return self.source_pretrain_epochs
-
-    @property
-    def in_source_stage(self) -> bool:
-        return self.current_epoch < self.source_stage_epochs  # a function of the epoch: no device sync per step
-
-    @property
-    def selectable(self) -> bool:
-        """Whether this epoch's model may be chosen as the best checkpoint: not in the source stage, whose model
-        is not adapted (``BestCheckpoint``)."""
-        return not self.in_source_stage
-
-    def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
-        self._stage_loss = torch.zeros((), device=self.device), 0
-        if not bool(self.source_stage_done) and self.current_epoch >= self.source_stage_epochs:
-            self._finish_source_stage()
-
-    def _finish_source_stage(self) -> None:
-        """After the source stage (or at the start without one): the teacher's soft labels, the warm start from a
-        ``source_checkpoint``, and target BatchNorm statistics seeded from the trained source statistics."""
-        if self.source_checkpoint:
-            teacher = load_source_model(self.source_checkpoint, self.features, self.classifier).to(self.device)
-            if self.init_from_source:
-                self.features.load_state_dict(teacher[0].state_dict())
-                self.classifier.load_state_dict(teacher[1].state_dict())
-        else:
-            teacher = self.teacher if self.teacher is not None else self
-        if self.domain_batchnorm:
-            seed_target_statistics(self.features)
-        if self.uses_soft_labels:
-            read = (lambda x: self(x, SOURCE)) if teacher is self else teacher
-            was_training = teacher.training
-            teacher.eval()
-            soft = source_soft_labels(read, self._pair().source_loader(), self.num_classes,
-                                      self.temperature, self.device)
-            teacher.train(was_training)
-            # every rank read the whole source; its BatchNorm statistics are its own: one mean for all ranks
-            soft = self.trainer.strategy.reduce(soft.to(self.soft_labels), reduce_op="mean")
-            self.soft_labels.copy_(soft)
-        self.source_stage_done.fill_(True)
-        if self.source_stage_epochs:
-            rank_zero_info(f"source stage done after {self.source_stage_epochs} epochs: adaptation starts at epoch "
-                           f"{self.current_epoch}")
-
-    def _source_step(self, batch: dict) -> None:
-        """A step of the source stage: L_C on the source batch, for the network or its teacher copy."""
-        model_opt, _domain_opt, *teacher_opt = self.optimizers()
-        x, y = batch["source"]
-        logits = self.teacher(x) if self.teacher is not None else self(x, SOURCE)
-        loss = self.loss(logits, y)
-        self._step(teacher_opt[0] if teacher_opt else model_opt, loss)
-        total, count = self._stage_loss
-        self._stage_loss = total + loss.detach() * len(y), count + len(y)
-        self._log("loss", loss, len(y))
-        self._log("loss_cls", loss, len(y))
-        self._log_acc("source_acc", logits, y)
-
-    def on_fit_end(self) -> None:
-        if not bool(self.source_stage_done) and self.source_stage_epochs:
-            rank_zero_warn(f"training stopped in the source stage (epoch {self.current_epoch} of "
-                           f"{self.source_stage_epochs}): the network was not adapted; raise max_epochs/max_steps.")
+        optimizers = [model_opt, domain_opt] + teacher_opt
+        schedulers = self.learning_rate_schedulers([model_opt, domain_opt])  # the teacher's lr stays constant
+        return (optimizers, schedulers) if schedulers else optimizers
 
     # ----- training --------------------------------------------------------------------------------------------
-    def progress(self, done: int) -> float:
-        """p: the finished share of the training batches after ``done`` of them (1 when unbounded)."""
-        total = self.trainer.estimated_stepping_batches
-        if not total or total == float("inf"):
-            return 1.0
-        total -= self.source_stage_epochs * self.trainer.num_training_batches  # adaptation steps only
-        return min(done / total, 1.0) if total > 0 else 1.0
-
-    def adaptation_weight(self) -> float:
-        """λ, times λ_p when scheduled."""
-        if not self.lambda_schedule:
-            return self.confusion_weight
-        done = (self.current_epoch - self.source_stage_epochs) * self.trainer.num_training_batches + self._batch_idx
-        return self.confusion_weight * dann_lambda(self.progress(done))
-
     def _log(self, name: str, value, batch_size: int) -> None:
         self.log_epoch_mean(f"train/{name}", value, batch_size, prog_bar=name in ("loss", "domain_acc"))
 
@@ -440,80 +281,11 @@ class DomainAdaptation(TransferModule):
         self.manual_backward(loss)
         optimizer.step()
 
-    def _step_schedulers(self, interval: str) -> None:
-        schedulers = self.lr_schedulers()
-        annealing = self.lr_annealing and self.scheduler_factory is None  # per step by definition
-        if not schedulers or interval != ("step" if annealing else self.scheduler_interval):
-            return
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-            scheduler.step()
-
     def on_train_epoch_end(self) -> None:
         if self.in_source_stage:
-            total, count = self._stage_loss
-            self.pretrain_history.append(float(total) / max(count, 1))
+            self._end_source_epoch()
             return
         self._step_schedulers("epoch")
-
-    def configure_model(self) -> None:
-        super().configure_model()
-        if self.teacher is not None and self._channels_last:
-            self.teacher.to(memory_format=torch.channels_last)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["source_pretrain_loss"] = list(self.pretrain_history)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.pretrain_history = list(checkpoint.get("source_pretrain_loss", []))
-
-    # ----- evaluation: target and source separately ----------------------------------------------------------
-    def _eval_step(self, stage: str, batch, dataloader_idx: int) -> None:
-        domain = EVAL_DOMAINS[dataloader_idx]
-        x, y = batch
-        label = SOURCE if domain == "source" else TARGET
-        features, label_features = self.trunk(x, label)
-        logits = self.classifier(label_features)
-        self.log_epoch_mean(f"{stage}/{domain}_loss", task_loss(logits, y, self.multilabel), len(y),
-                            add_dataloader_idx=False)
-        if stage == "val" and not self.multilabel:  # DEV reads target images, never their labels
-            self._dev_parts.setdefault(f"{domain}_features", []).append(label_features.detach().float())
-            if domain == "source":
-                self._dev_parts.setdefault("source_losses", []).append(
-                    F.cross_entropy(logits.detach().float(), y, reduction="none"))
-        metrics = self.eval_metrics[f"{stage}_{domain}"]
-        metrics.update(logits, y.long() if self.multilabel else y)
-        self.log_metric_objects(f"{stage}/{domain}_metrics", metrics, add_dataloader_idx=False,
-                                prog_bar=domain == "target")
-        domain_logits = self.domain_classifier(features)
-        self.domain_metrics[stage].update(domain_logits, torch.full((len(y),), label, device=self.device))
-
-    def _log_domain_acc(self, stage: str) -> None:
-        metric = self.domain_metrics[stage]
-        self.log(f"{stage}/domain_acc", metric.compute())
-        metric.reset()
-
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
-
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._dev_parts = {}
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_domain_acc("val")
-        parts = {name: torch.cat(chunks) for name, chunks in self._dev_parts.items()}
-        self._dev_parts = {}
-        if len(parts) == 3:
-            if self.trainer.world_size > 1:  # every rank scores its shard; the estimate needs them all
-                parts = {name: self.all_gather(t).flatten(0, 1) for name, t in parts.items()}
-            weights = density_ratios(parts["source_features"].cpu(), parts["target_features"].cpu())
-            self.log("val/dev_risk", dev_risk(parts["source_losses"].cpu(), weights))
-
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_domain_acc("test")
 
     def results(self) -> dict:
         out = {"mode": self.mode, "confusion": self.confusion if self.mode == "adapt" else None,

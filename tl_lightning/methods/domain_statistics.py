@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+SOURCE, TARGET = 0, 1  # domain labels
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 TARGET_PREFIX = "target_"
 
