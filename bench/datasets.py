@@ -179,7 +179,6 @@ def main(argv=None) -> None:
 
     # ----- 2. train-loader throughput vs backbone forward -------------------------------------------------------
     fixtures = scaled_fixtures(os.path.join(tmp, "fixtures"), args.quick)
-    patch_mat_md5_for_fixtures()
     seconds, rounds = (3.0, 1) if args.quick else (5.0, 2)
     workers = default_num_workers()
     setups = [
@@ -230,16 +229,6 @@ def main(argv=None) -> None:
     _plot(rows, os.path.join(RESULTS, "datasets.png"))
     print("\n".join(lines))
     print(f"wrote {path}")
-
-
-def patch_mat_md5_for_fixtures() -> None:
-    """The scaled SVHN/Flowers fixtures are not the official files, so torchvision's MD5 check is skipped for
-    this benchmark's throughput runs only (the check itself is exercised in tests/test_datasets.py)."""
-    import torchvision.datasets.flowers102 as flowers
-    import torchvision.datasets.svhn as svhn
-
-    svhn.check_integrity = lambda *a, **k: True
-    flowers.check_integrity = lambda *a, **k: True
 
 
 def _plot(rows, path: str) -> None:

@@ -29,9 +29,6 @@ def jpeg_datamodules(tmp: Path, image_size: int, batch_size: int) -> list[tuple[
     from fixtures import datasets as fx
     from tl_lightning import data as D
 
-    from bench.datasets import patch_mat_md5_for_fixtures
-
-    patch_mat_md5_for_fixtures()  # generated Flowers files are not the official ones torchvision checks
     common = dict(image_size=image_size, batch_size=batch_size, augment=False, backbone="tf_efficientnet_lite0")
     out = []
     cub = SHARED / "CUB_200_2011_subset10"

@@ -290,9 +290,6 @@ def datamodules(size: Size, tmp: Path) -> list[tuple[str, Callable, int, str]]:
     from fixtures import datasets as fx
     from tl_lightning import data as D
 
-    from bench.datasets import patch_mat_md5_for_fixtures
-
-    patch_mat_md5_for_fixtures()  # generated SVHN/Flowers files are not the official ones torchvision checks
 
     digit, natural = size.image_size, size.natural_size
     bb = size.backbone

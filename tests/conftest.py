@@ -39,9 +39,3 @@ FAST = (
 )
 
 
-@pytest.fixture
-def md5_check_off(monkeypatch):
-    """torchvision checks SVHN's .mat files against the official MD5s; fixtures can't match."""
-    import torchvision.datasets.svhn as svhn
-
-    monkeypatch.setattr(svhn, "check_integrity", lambda *a, **k: True)

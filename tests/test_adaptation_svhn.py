@@ -11,7 +11,7 @@ from fixtures.datasets import write_mnist, write_svhn
 from tests.conftest import FAST, run_cli
 
 
-def test_svhn_to_mnist_config_fits_and_tests_on_official_format_files(tmp_path, md5_check_off):
+def test_svhn_to_mnist_config_fits_and_tests_on_official_format_files(tmp_path):
     svhn = write_svhn(tmp_path / "svhn", n_train=60, n_test=20)
     mnist = write_mnist(tmp_path / "data", n_train=120, n_test=20)
     run_dir = tmp_path / "run"

@@ -61,6 +61,19 @@ def test_every_config_that_is_not_a_full_run_is_a_registered_overlay():
         assert full or config in OVERLAYS, f"{config} sets no model/data class: add it to OVERLAYS with its base"
 
 
+def _assert_model_contract(model) -> None:
+    """Every method exposes ``backbone`` (the module holding its timm model) and ``head`` (features -> one output
+    per class), under those names, as the callbacks and speed switches reach them (issue 18)."""
+    import torch
+
+    assert not hasattr(model, "backbone_module")
+    assert isinstance(model.backbone, torch.nn.Module) and isinstance(model.head, torch.nn.Module)
+    assert any(hasattr(m, "pretrained_cfg") for m in model.backbone.modules()), type(model).__name__
+    assert any(m is model.head for m in model.modules()) and any(m is model.backbone for m in model.modules())
+    last = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert last.out_features == model.num_classes
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_builds_its_model_datamodule_and_trainer(config, tmp_path, monkeypatch):
     from tl_lightning.cli import run_cli as build
@@ -93,6 +106,7 @@ def test_config_builds_its_model_datamodule_and_trainer(config, tmp_path, monkey
                  f"--trainer.default_root_dir={tmp_path / 'run'}"], run=False)
     assert isinstance(cli.model, _class(merged["model"]["class_path"]))
     assert isinstance(cli.datamodule, _class(merged["data"]["class_path"]))
+    _assert_model_contract(cli.model)
     for key, value in _scalars(merged["model"]).items():  # the config's values reach the model
         if key in cli.model.hparams:
             assert cli.model.hparams[key] == value, key

@@ -107,7 +107,7 @@ def test_mnist_low_data_options_and_digit_augmentation(tmp_path):
 
 
 # ----- SVHN -------------------------------------------------------------------------------------------------------
-def test_svhn_label_10_is_zero_and_extra(tmp_path, md5_check_off):
+def test_svhn_label_10_is_zero_and_extra(tmp_path):
     data = write_svhn(tmp_path / "s", n_train=40, n_test=20, n_extra=15)
     dm = SVHNDataModule(data_dir=data, **SMALL)
     dm.setup()
@@ -123,12 +123,19 @@ def test_svhn_label_10_is_zero_and_extra(tmp_path, md5_check_off):
     assert len(with_extra.splits["train"]) + len(with_extra.splits["val"]) == 55
 
 
-def test_svhn_missing_file_and_torchvision_integrity_check(tmp_path):
+def test_svhn_missing_corrupt_and_malformed_files(tmp_path):
+    from scipy.io import savemat
+
     data = write_svhn(tmp_path / "s", n_train=20, n_test=10)
     with pytest.raises(DatasetNotFoundError, match=r"extra_32x32\.mat.*ufldl\.stanford\.edu"):
         SVHNDataModule(data_dir=data, extra=True, **SMALL).setup()
-    # the fixture is not the official file: torchvision's MD5 check (not patched here) rejects it, in one sentence
-    with pytest.raises(TLError, match=r"cannot read '.*train_32x32\.mat'.*official file"):
+    train = os.path.join(data, "train_32x32.mat")
+    with open(train, "wb") as f:  # truncated or not a MATLAB file
+        f.write(b"MATLAB 5.0 MAT-file")
+    with pytest.raises(TLError, match=r"cannot read '.*train_32x32\.mat'.*replace it with the official file"):
+        SVHNDataModule(data_dir=data, **SMALL).setup()
+    savemat(train, {"X": np.zeros((28, 28, 1, 3), np.uint8), "y": np.ones((3, 1))})  # MNIST-shaped
+    with pytest.raises(TLError, match=r"is not an SVHN file: X must be \(32, 32, 3, N\) uint8.*got X \(28, 28, 1, 3\)"):
         SVHNDataModule(data_dir=data, **SMALL).setup()
 
 

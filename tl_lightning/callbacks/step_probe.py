@@ -1,6 +1,6 @@
 """Per-batch work of a training step: backbone forwards and host-device synchronisations.
 
-``StepProbe`` counts, for every training batch, how often the method's backbone (``backbone_module()``) runs
+``StepProbe`` counts, for every training batch, how often the method's backbone (``pl_module.backbone``) runs
 forward and which tensor-to-host conversions (``.item()``, ``float(t)``, ``.cpu()``, ``.tolist()``...) the
 ``training_step`` makes. On an accelerator each such conversion blocks the host until the device catches up;
 on CPU they cost nothing, so ``torch.cuda.set_sync_debug_mode`` can't show them: the probe watches the calls
@@ -57,7 +57,7 @@ def stem(backbone: torch.nn.Module) -> torch.nn.Module:
 
 class StepProbe(L.Callback):
     """Records ``{"forwards": int, "syncs": Counter}`` per training batch in ``self.steps``: forwards of the stem
-    of ``backbone`` (default: ``pl_module.backbone_module()``) and host conversions inside ``training_step``."""
+    of ``backbone`` (default: ``pl_module.backbone``) and host conversions inside ``training_step``."""
 
     def __init__(self, backbone: Optional[torch.nn.Module] = None):
         self.backbone = backbone
@@ -71,7 +71,7 @@ class StepProbe(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
-        backbone = self.backbone if self.backbone is not None else pl_module.backbone_module()
+        backbone = self.backbone if self.backbone is not None else pl_module.backbone
         self._hook = stem(backbone).register_forward_hook(self._count_forward)
         step = pl_module.training_step
 

@@ -19,14 +19,28 @@ ULMFiT: Howard & Ruder 2018) and ``lp_ft`` (a linear probe, then full fine-tunin
 from __future__ import annotations
 
 import inspect
-from typing import Union
+from typing import Protocol, Union, runtime_checkable
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from tl_lightning.errors import TLError
 from tl_lightning.instantiate import instantiate
+
+
+@runtime_checkable
+class StagedModel(Protocol):
+    """What a strategy needs of the model (``FineTune``): its backbone's layer groups, input to output, a way to
+    choose the ones that train, and (``lp_ft``) a linear probe of the head on the frozen features."""
+
+    backbone: nn.Module
+    head: nn.Module
+    backbone_group_names: list[str]
+
+    def set_trainable_groups(self, backbone_groups: list[str]) -> None: ...
+
+    def fit_linear_probe(self, steps: int, l2: float) -> None: ...
 
 
 class UnfreezeStrategy(Callback):
@@ -51,7 +65,7 @@ class UnfreezeStrategy(Callback):
 
     # ----- Lightning hooks ----------------------------------------------------------------------------------
     def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
-        if not hasattr(pl_module, "set_trainable_groups"):
+        if not isinstance(pl_module, StagedModel):
             raise TLError(f"the unfreeze strategy '{self.name}' needs a FineTune model, not "
                           f"{pl_module.__class__.__name__}; set it as --model.unfreeze of "
                           "tl_lightning.methods.FineTune.")
@@ -158,47 +172,9 @@ class LPFT(UnfreezeStrategy):
 
     def on_train_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         if trainer.current_epoch == 0 and trainer.global_step == 0:
-            self.fit_probe(trainer, pl_module)
+            pl_module.fit_linear_probe(self.probe_steps, self.probe_l2)  # the model owns its head's fit
         super().on_train_epoch_start(trainer, pl_module)
 
-    def _probe_loader(self, trainer: "L.Trainer"):
-        dm = trainer.datamodule
-        if dm is not None and hasattr(dm, "split_dataset") and hasattr(dm, "make_loader"):
-            return dm.make_loader(dm.split_dataset("train", deterministic=True), shuffle=False)
-        return trainer.train_dataloader
-
-    def fit_probe(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        from tl_lightning.feature_cache import extract_features
-
-        data = extract_features(pl_module.backbone, self._probe_loader(trainer), pl_module.device, desc="linear probe")
-        x, y = data["features"].to(pl_module.device), data["targets"].to(pl_module.device)
-        head = pl_module.head
-        was_training = head.training
-        head.train(False)  # no dropout noise in a full-batch fit
-        weights = [p for n, p in head.named_parameters() if n.endswith("weight")]
-        optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=self.probe_steps,
-                                      line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            loss = pl_module.loss(head(x), y) + self.probe_l2 * sum((w ** 2).sum() for w in weights)
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            for p in head.parameters():
-                p.requires_grad_(True)
-            optimizer.step(closure)
-        for p in head.parameters():
-            p.grad = None
-        head.train(was_training)
-        if trainer.world_size > 1:
-            state = trainer.strategy.broadcast({k: v.detach().cpu() for k, v in head.state_dict().items()}, src=0)
-            head.load_state_dict(state)
-        with torch.no_grad():
-            accuracy = (head(x).argmax(-1) == y).float().mean().item() if y.ndim == 1 else None
-        if accuracy is not None:
-            pl_module.probe_train_acc = accuracy
 
 
 #: names accepted by ``--model.unfreeze``

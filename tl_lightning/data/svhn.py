@@ -1,10 +1,10 @@
-"""SVHN (Netzer et al., 2011), cropped digits: 73,257 train / 26,032 test (+ 531,131 extra) 32x32 RGB images,
-read by torchvision.
+"""SVHN (Netzer et al., 2011), cropped digits: 73,257 train / 26,032 test (+ 531,131 extra) 32x32 RGB images.
 
 On-disk contract: ``train_32x32.mat`` and ``test_32x32.mat`` (and ``extra_32x32.mat`` with ``extra: true``)
 directly in ``data_dir`` (torchvision's ``SVHN`` root). Each is a MATLAB file with ``X`` (32, 32, 3, N) uint8
 and ``y`` (N, 1), where label 10 stands for digit 0. Get them from http://ufldl.stanford.edu/housenumbers/ or
-with ``download: true``. torchvision checks each file's MD5.
+with ``download: true`` (torchvision downloads them and checks their MD5s). The files are read with
+``scipy.io.loadmat`` and checked for their shapes and labels.
 
 Label 10 is mapped to 0. Splits: the official train (plus ``extra`` when asked for) and test sets; validation
 is carved out of train (``val_fraction``, stratified, ``seed``).
@@ -33,7 +33,7 @@ CONTRACT = Contract(
 
 
 class SVHNDataModule(DigitImages, TLDataModule):
-    """SVHN cropped digits via ``torchvision.datasets.SVHN`` (label 10 -> 0; optional ``extra`` training set)."""
+    """SVHN cropped digits (label 10 -> 0; optional ``extra`` training set)."""
 
     def __init__(self, extra: bool = False, download: bool = False, **kwargs):
         """
@@ -70,16 +70,21 @@ class SVHNDataModule(DigitImages, TLDataModule):
 
     def load_part(self, part: str) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 images (N, 32, 32, 3), labels in 0..9) of one official file."""
-        from torchvision.datasets import SVHN
+        from scipy.io import loadmat
+        from scipy.io.matlab import MatReadError
 
-        root = self.root()
+        path = os.path.join(self.root(), SVHN_FILES[part])
         try:
-            ds = SVHN(root, split=part)
-        except (RuntimeError, ValueError, KeyError, TypeError, OSError) as e:
-            raise TLError(f"cannot read '{os.path.join(root, SVHN_FILES[part])}' ({e.__class__.__name__}: "
-                          f"{' '.join(str(e).split())}); replace it with the official file.") from e
-        images = np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1))  # torchvision keeps (N, 3, H, W)
-        return images, np.asarray(ds.labels, dtype=np.int64)
+            mat = loadmat(path)
+            images, labels = mat["X"], np.asarray(mat["y"]).ravel()
+        except (MatReadError, OSError, ValueError, KeyError, TypeError) as e:
+            raise TLError(f"cannot read '{path}' ({e.__class__.__name__}: {' '.join(str(e).split())}); replace it "
+                          "with the official file.") from e
+        if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.shape[3] != len(labels) \
+                or images.dtype != np.uint8 or not np.isin(labels, np.arange(1, 11)).all():
+            raise TLError(f"'{path}' is not an SVHN file: X must be (32, 32, 3, N) uint8 and y (N, 1) in 1..10, got X "
+                          f"{images.shape} {images.dtype} and {len(labels)} labels; replace it with the official file.")
+        return np.ascontiguousarray(images.transpose(3, 0, 1, 2)), (labels % 10).astype(np.int64)
 
     def build_split(self, split: str) -> Optional[Source]:
         if split == "val":

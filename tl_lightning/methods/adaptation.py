@@ -41,8 +41,6 @@ from tl_lightning.methods.domain_evaluation import DomainEvaluation, domain_eval
 from tl_lightning.methods.domain_statistics import SOURCE, TARGET, add_target_statistics, target_statistics
 from tl_lightning.methods.source_stage import SourceStage, source_model
 
-__all__ = ["DomainAdaptation", "SOURCE", "TARGET"]
-
 
 class DomainAdaptation(SourceStage, AdaptationSchedule, DomainEvaluation, TransferModule):
     """Tzeng et al. (2015) domain confusion + soft labels, DANN, and the source-only / train-on-target baselines."""
@@ -155,6 +153,9 @@ class DomainAdaptation(SourceStage, AdaptationSchedule, DomainEvaluation, Transf
         self.teacher = source_model(self.features, self.classifier) if needs_copy else None
 
     # ----- network -------------------------------------------------------------------------------------------
+    backbone = property(lambda self: self.features, doc="The model contract's name for ``features``.")
+    head = property(lambda self: self.classifier, doc="The model contract's name for ``classifier``.")
+
     def trunk(self, x: torch.Tensor, domain: int = TARGET) -> tuple[torch.Tensor, torch.Tensor]:
         """(what the domain classifier reads, what the classifier reads) for images from ``domain``, normalised
         with that domain's statistics under ``domain_batchnorm``; the same tensor unless ``domain_input: conv``."""

@@ -58,7 +58,16 @@ def is_convnet(module: nn.Module) -> bool:
 
 
 class TransferModule(EpochLogging, L.LightningModule):
-    """Base LightningModule: task facts come from the DataModule (linked by the CLI)."""
+    """Base LightningModule: task facts come from the DataModule (linked by the CLI).
+
+    The model contract, the one way callbacks and speed switches reach into a method (as Lightning's
+    ``BaseFinetuning`` reaches ``pl_module.backbone``): every method exposes ``backbone``, the module that holds
+    its timm model (what ``channels_last`` and ``compile`` apply to, what a feature read-out runs), and ``head``,
+    the module from the backbone's features to the class outputs.
+    """
+
+    backbone: nn.Module
+    head: nn.Module
 
     def __init__(
         self,
@@ -115,27 +124,17 @@ class TransferModule(EpochLogging, L.LightningModule):
             self.__dict__.pop(name, None)
         return result
 
-    # ----- speed switches ------------------------------------------------------------------------------
-    def backbone_module(self) -> Optional[nn.Module]:
-        """The module the speed switches apply to: by default the child module that holds the timm model (one with
-        a ``pretrained_cfg``), i.e. what the method calls: ``backbone``, ``extractor``, ``features``, ``net``...
-        A method whose backbone is found otherwise overrides this."""
-        return next((child for _, child in self.named_children()
-                     if any(hasattr(m, "pretrained_cfg") for m in child.modules())), None)
-
+    # ----- speed switches (on ``backbone``, the model contract) ---------------------------------------
     @property
     def uses_channels_last(self) -> bool:
         """``channels_last`` resolved: ``auto`` means on for a convolutional backbone without attention."""
         if self.channels_last != "auto":
             return bool(self.channels_last)
-        backbone = self.backbone_module()
-        return backbone is not None and is_convnet(backbone)
+        return is_convnet(self.backbone)
 
     def configure_model(self) -> None:
-        backbone = self.backbone_module()
+        backbone = self.backbone
         self._channels_last = self.uses_channels_last
-        if backbone is None:
-            return
         if self._channels_last:
             backbone.to(memory_format=torch.channels_last)
         if self.compile_backbone and not getattr(backbone, "_compiled_call_impl", None):

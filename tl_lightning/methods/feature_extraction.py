@@ -6,13 +6,11 @@ The full-network embedding (Garcia-Gasulla et al., 2018) reads the spatial mean 
 statistics and discretises it to {-1, 0, 1} at thresholds -0.25 and 0.15. With deterministic inputs the
 backbone runs once per image, across epochs and runs (``FeatureCache``).
 
-Heads (``head``): ``linear`` is trained by SGD over epochs like any Lightning model; ``svm`` (CNN-SVM,
-Razavian et al. 2014) and ``logistic`` (L-BFGS with the L2 strength picked on val, Kornblith et al. 2019) are
-fitted in full batch on the cached features when fit starts (``on_fit_start``), see ``shallow_heads``. For
-those, training runs a single epoch that only measures the fitted head, then stops, so ``max_epochs`` does
-not matter. ``recipe`` names a read-out + normalisation + head at once, or ``auto`` picks the best of them on
-val (``recipes``). ``tta_views > 1`` averages the features of deterministic crops and flips (Razavian's
-"aug"), each view cached on its own (``tl_lightning.tta``), for every split and for ``predict``.
+Heads (``head``): ``linear`` trains by SGD over epochs; ``svm`` (CNN-SVM, Razavian et al. 2014) and ``logistic``
+(L-BFGS, L2 strength picked on val, Kornblith et al. 2019) are fitted in full batch on the cached features at fit
+start (``shallow_heads``), then one epoch only measures them. ``recipe`` names a read-out + normalisation + head,
+or ``auto`` picks the best on val (``recipes``). ``tta_views > 1`` averages deterministic crops and flips
+(Razavian's "aug"), each view cached on its own (``tl_lightning.tta``).
 """
 from __future__ import annotations
 
@@ -118,8 +116,7 @@ class FeatureExtraction(CachedFeatures, TransferModule):
         self.heldout_head: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         # the shallow heads are fitted in closed loop, not by Lightning's optimizer
         self.automatic_optimization = head == "linear"
-        self.backbone_name = backbone
-        self.weights = weights
+        self.backbone_name, self.weights = backbone, weights
         if embedding == "fne" and layers == "penultimate":
             layers = FNE_LAYERS
         self.embedding = embedding
@@ -158,6 +155,8 @@ class FeatureExtraction(CachedFeatures, TransferModule):
         self._build_head()
 
     # ----- the frozen backbone ------------------------------------------------------------------------------
+    backbone = property(lambda self: self.extractor, doc="The model contract's name for the ``extractor``.")
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.extractor.eval()  # BatchNorm statistics of the backbone never move

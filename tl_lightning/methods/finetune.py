@@ -32,7 +32,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from tl_lightning.backbones import DEFAULT_BACKBONE, create_backbone, layer_groups
 from tl_lightning.callbacks.unfreeze import UnfreezeStrategy, make_strategy
+from tl_lightning.data.base import TLDataModule
 from tl_lightning.errors import TLError
+from tl_lightning.feature_cache import extract_features
 from tl_lightning.methods.base import TransferModule, make_head
 
 HEAD = "head"
@@ -168,6 +170,41 @@ class FineTune(TransferModule):
             for name, p in self.named_parameters():
                 if name in self._frozen_names:
                     p.grad = None  # no update, no momentum, no weight decay for a frozen group
+
+    # ----- LP-FT's linear probe (Kumar et al. 2022) ----------------------------------------------------------
+    def fit_linear_probe(self, steps: int, l2: float) -> None:
+        """Fit the head on the frozen backbone's features of the training split (deterministic transforms, eval
+        mode): ``steps`` full-batch L-BFGS steps on the task loss plus ``l2`` times the squared weights. Under DDP
+        rank 0's head is broadcast, so every rank starts the same."""
+        dm = self.trainer.datamodule
+        loader = (dm.make_loader(dm.split_dataset("train", deterministic=True), shuffle=False)
+                  if isinstance(dm, TLDataModule) else self.trainer.train_dataloader)
+        data = extract_features(self.backbone, loader, self.device, desc="linear probe")
+        x, y = data["features"].to(self.device), data["targets"].to(self.device)
+        head, was_training = self.head, self.head.training
+        head.train(False)  # no dropout noise in a full-batch fit
+        weights = [p for n, p in head.named_parameters() if n.endswith("weight")]
+        optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = self.loss(head(x), y) + l2 * sum((w ** 2).sum() for w in weights)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            for p in head.parameters():
+                p.requires_grad_(True)
+            optimizer.step(closure)
+        for p in head.parameters():
+            p.grad = None
+        head.train(was_training)
+        if self.trainer.world_size > 1:
+            state = self.trainer.strategy.broadcast({k: v.detach().cpu() for k, v in head.state_dict().items()}, src=0)
+            head.load_state_dict(state)
+        if y.ndim == 1:
+            with torch.no_grad():
+                self.probe_train_acc = (head(x).argmax(-1) == y).float().mean().item()
 
     # ----- optimisation -------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

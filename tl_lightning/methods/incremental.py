@@ -169,6 +169,9 @@ class ICaRL(TransferModule):
             self.net.backbone.eval()
         return self
 
+    backbone = property(lambda self: self.net.backbone, doc="The model contract's name for ``net.backbone``.")
+    head = property(lambda self: self.net.head, doc="The model contract's name for ``net.head``.")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
