@@ -40,12 +40,10 @@ import numpy as np
 import torch
 import yaml
 
-from bench.memory import run_with_peak_pss
+from bench.common import REPO, RESULTS, cli, mean_std
 from bench.provenance import code_version, same_code
 from tl_lightning.data.base import default_cache_dir
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
 CONFIG = "configs/adaptation/mnist_to_mnistm.yaml"
 ORACLE = "oracle"  # folder of the checkpoint chosen with target labels, beside a label-free run's own
 
@@ -119,23 +117,11 @@ def test_label_free(fit: list[str], run_dir: Path, log: Path, threads: int) -> d
                          "without --resume")
     out = {}
     for name, ckpt in (("selected", own[0]), (ORACLE, run_dir / ORACLE / (ORACLE + ".ckpt"))):
-        _run(test_command(fit, ckpt, run_dir / f"{name}_test"), log, threads)
+        cli(test_command(fit, ckpt, run_dir / f"{name}_test")[3:], log, threads=threads)
         out[name] = json.loads((run_dir / f"{name}_test" / "metrics.json").read_text())["metrics"]
     return {"target_acc": out["selected"]["test/target_acc"], "source_acc": out["selected"]["test/source_acc"],
             "domain_acc": out["selected"].get("test/domain_acc"), "oracle_target_acc": out[ORACLE]["test/target_acc"],
             "tested": {"selected": own[0].name, ORACLE: ORACLE + ".ckpt"}}
-
-
-def _run(cmd: list[str], log: Path, threads: int) -> Optional[int]:
-    """Run ``cmd``, appending to ``log``; the peak PSS (bytes) summed over its processes, workers included."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", WANDB_MODE="offline", OMP_NUM_THREADS=str(threads))
-    with open(log, "a") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        proc, peak = run_with_peak_pss(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
-    return peak
 
 
 def run_dir_of(row: Row, seed: int, args) -> Path:
@@ -184,13 +170,12 @@ def run_one(row: Row, seed: int, args) -> dict:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     log = run_dir / "bench.log"
-    started = time.perf_counter()
-    peak = _run(fit, log, args.threads)
-    fit_s = time.perf_counter() - started
+    measured = cli(fit[3:], log, threads=args.threads)
+    fit_s = measured["wall_s"]
     m = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     result = {"seed": seed, "target_acc": m["test/target_acc"], "source_acc": m["test/source_acc"],
-              "domain_acc": m.get("test/domain_acc"), "wall_s": round(fit_s, 1),
-              "peak_pss_mb": None if peak is None else round(peak / 2 ** 20), "code": args.code}
+              "domain_acc": m.get("test/domain_acc"), "wall_s": fit_s,
+              "peak_pss_mb": measured["peak_pss_mb"], "code": args.code}
     if row.label_free:
         result.update(test_label_free(fit, run_dir, log, args.threads))
     (run_dir / "bench_result.json").write_text(json.dumps(result))
@@ -199,13 +184,6 @@ def run_one(row: Row, seed: int, args) -> dict:
           + (f" (oracle {100 * result['oracle_target_acc']:.1f}%)" if row.label_free else "")
           + f", {fit_s:.0f} s", flush=True)
     return result
-
-
-def mean_std(values) -> str:
-    v = 100 * np.asarray([x for x in values if x is not None], dtype=float)
-    if len(v) < 2:  # one seed: no spread to show
-        return f"{v[0]:.1f}" if len(v) else "-"
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
 
 
 def write_results(all_rows: list[Row], args, wall_s: float) -> Path:

@@ -27,17 +27,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bench.memory import run_with_peak_pss
+from bench.common import REPO, RESULTS, SHARED, run, write_atomic
 from bench.provenance import code_version, file_sha, same_code
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
-DATA = REPO.parent / "shared" / "data" / "CUB_200_2011_subset10" / "CUB_200_2011"
+DATA = SHARED / "CUB_200_2011_subset10" / "CUB_200_2011"
 FT_CONFIG = "configs/finetune/cub200.yaml"
 FE_CONFIG = "configs/feature_extraction/cub200.yaml"
 RUNS = REPO / "runs" / "bench_finetune"
@@ -81,25 +76,21 @@ def shipped_epochs() -> int:
     return int(yaml.safe_load((REPO / FT_CONFIG).read_text())["trainer"]["max_epochs"])
 
 
-def run_row(name: str, cmd: list[str], run_dir: Path, cache: Path) -> dict:
-    """One CLI fit (+ test) in a fresh process; the result row from its ``metrics.json``."""
+def run_row(name: str, config: str, overrides: list[str], run_dir: Path) -> dict:
+    """One CLI fit (+ test) in a fresh process, with a cold feature cache; the result row from its metrics."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    env = dict(os.environ, TL_LIGHTNING_CACHE=str(cache), PYTHONWARNINGS="ignore")
-    log = run_dir / "bench.log"
-    print(f"=== {name}\n    {' '.join(cmd)}", flush=True)
-    started = time.perf_counter()
-    with log.open("w") as out:  # to a file, not a pipe: the PSS sampler waits on the process
-        proc, peak = run_with_peak_pss(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"row '{name}' failed (log {log}):\n{log.read_text()[-3000:]}")
-    m = json.loads((run_dir / "metrics.json").read_text())
-    return {"name": name, "command": cmd[2:], "test_acc": m["metrics"]["test/acc"],
-            "best_val_acc": m.get("best_score"), "wall_s": round(seconds, 1), "cli_wall_s": m["wall_time_s"],
-            "peak_pss_mb": None if peak is None else round(peak / 2**20),
-            "recipe": m.get("summary", {}).get("recipe"), "probe_train_acc": m.get("probe_train_acc"),
-            "tested": m.get("test_checkpoint")}
+    print(f"=== {name}\n    fit --config {config} {' '.join(overrides)}", flush=True)
+    m = run([config], overrides, run_dir, log=run_dir / "bench.log", env={"TL_LIGHTNING_CACHE": str(run_dir / "cache")})
+    return {"name": name, "command": command(config, overrides, run_dir), "test_acc": m["metrics"]["test/acc"],
+            "best_val_acc": m.get("best_score"), "wall_s": m["bench"]["wall_s"], "cli_wall_s": m["wall_time_s"],
+            "peak_pss_mb": m["bench"]["peak_pss_mb"], "recipe": m.get("summary", {}).get("recipe"),
+            "probe_train_acc": m.get("probe_train_acc"), "tested": m.get("test_checkpoint")}
+
+
+def command(config: str, overrides: list[str], run_dir: Path) -> list[str]:
+    """The row's command line after ``python -m``, as recorded (``--resume`` compares it)."""
+    return ["tl_lightning", "fit", "--config", config, *overrides,
+            f"--trainer.default_root_dir={run_dir.relative_to(REPO)}"]
 
 
 def table(measured: list[dict], quick: bool, epochs: int) -> str:
@@ -155,12 +146,6 @@ def plot(measured: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="64 px, 2 epochs, 5 training images per class")
@@ -187,17 +172,16 @@ def main(argv=None) -> None:
     done = []
     for i, (name, config, overrides) in enumerate(rows(epochs)):
         run_dir = runs / f"{i}"
-        cmd = [sys.executable, "-m", "tl_lightning", "fit", "--config", config, *overrides,
-               *(QUICK if args.quick else []), f"--trainer.default_root_dir={run_dir.relative_to(REPO)}"]
+        overrides = [*overrides, *(QUICK if args.quick else [])]
         old, sha = kept.get(name), file_sha(config)
-        if (old is not None and old["command"] == cmd[2:] and old.get("config_sha") == sha
+        if (old is not None and old["command"] == command(config, overrides, run_dir)
+                and old.get("config_sha") == sha
                 and same_code(old.get("code"), code)):
             done.append(old)
             continue
         if args.only is not None and not any(o in name for o in args.only):
             continue
-        done.append({**run_row(name, cmd, run_dir, run_dir / "cache"),  # a cold feature cache for every row
-                     "config_sha": sha, "code": code})
+        done.append({**run_row(name, config, overrides, run_dir), "config_sha": sha, "code": code})
         report(done, args.quick, epochs, out_json)
     report(done, args.quick, epochs, out_json)
 

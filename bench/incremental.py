@@ -2,7 +2,7 @@
 joint training (upper bound), on Split-MNIST (real MNIST from ../shared/data) and the real 10-class CUB-200
 subset as 5 tasks of 2 classes, over 3 seeds (each seed draws the class order).
 
-Every run is the real CLI (``python -m tl_lightning fit``) run in this process on the configs in
+Every run is the real CLI (``python -m tl_lightning fit``, a process of its own, one thread) on the configs in
 ``configs/incremental/``, with overrides:
 
 * Split-MNIST: ``digit_cnn`` from scratch (paper preset), a training subset of ``--mnist-per-class`` images per
@@ -18,7 +18,6 @@ seen, mean over seeds).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
@@ -27,11 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.memory import PeakPSS, supported
-
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
-SHARED = REPO.parent / "shared" / "data"
+from bench.common import REPO, RESULTS, SHARED, mean_std, run
 
 QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false",
          "--test_after_fit=false", "--data.num_workers=0")
@@ -61,18 +56,11 @@ def datasets(args) -> dict:
     return {"Split-MNIST": mnist, "CUB-200 (10 classes)": cub}
 
 
-def run_one(config: str, overrides: tuple, method: str, seed: int, run_dir: str, log) -> dict:
-    from tl_lightning.cli import main
-
-    args = ["fit", "--config", config, *METHODS[method][0], *overrides, *QUIET, f"--seed_everything={seed}",
-            f"--data.class_order_seed={seed}", f"--trainer.default_root_dir={run_dir}"]
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), PeakPSS(os.getpid()) as pss:
-        main(args)
+def run_one(config: str, overrides: tuple, method: str, seed: int, run_dir: str, log: Path) -> dict:
+    m = run([config], [*METHODS[method][0], *overrides, *QUIET, f"--seed_everything={seed}",
+                       f"--data.class_order_seed={seed}"], Path(run_dir), log=log, threads=1)
     report = json.loads((Path(run_dir) / "incremental.json").read_text())
-    report["wall_s"] = time.perf_counter() - start
-    report["peak_pss_mb"] = round(pss.peak / 2**20) if supported() else None
-    return report
+    return {**report, **m["bench"]}
 
 
 def peak_pss(runs: list[dict]) -> str:
@@ -82,18 +70,11 @@ def peak_pss(runs: list[dict]) -> str:
     return str(max(peaks)) if peaks else "-"
 
 
-def mean_std(values) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "-"
-    return f"{100 * np.mean(vals):.1f} ± {100 * np.std(vals):.1f}"
-
-
 def write_table(results: dict, args, seconds: float) -> str:
     lines = [
         "# Class-incremental learning: iCaRL vs fine-tuning vs joint training",
         "",
-        "Mean ± std over the seeds run (*runs*; each seed draws the class order). Accuracy on all classes seen;",
+        "Mean ± sample std (ddof=1) over the seeds run (*runs*; each seed draws the class order). Accuracy on all classes seen;",
         "*avg inc.* = average incremental accuracy (mean over the 5 steps), *last* = after the last task,",
         "*forgetting* = mean over tasks 1-4 of best earlier accuracy minus final accuracy (lower is better).",
         f"Split-MNIST: real MNIST, {args.mnist_per_class} training and {args.mnist_eval_per_class} test images per "
@@ -135,7 +116,7 @@ def plot(results: dict, path: Path) -> None:
             seen = runs[0]["classes_seen"]
             for clf in METHODS[method][1]:
                 acc = np.array([r[clf]["seen_accuracy"] for r in runs], dtype=float)
-                ax.errorbar(seen, 100 * acc.mean(0), yerr=100 * acc.std(0), marker="o", capsize=3,
+                ax.errorbar(seen, 100 * acc.mean(0), yerr=100 * acc.std(0, ddof=1 if len(acc) > 1 else 0), marker="o", capsize=3,
                             linestyle="-" if clf == "nme" or "iCaRL" not in method else "--",
                             label=f"{method} {clf.upper()}")
         ax.set_title(data)
@@ -167,9 +148,6 @@ def main(argv=None) -> None:
     if args.quick:
         args.seeds, args.mnist_per_class, args.mnist_eval_per_class = 1, 60, 30
         args.mnist_epochs, args.cub_epochs = 1, 3
-    import torch
-
-    torch.set_num_threads(1)
     os.environ.setdefault("WANDB_MODE", "offline")
     for folder in (SHARED / "MNIST", SHARED / "CUB_200_2011_subset10"):
         if not folder.exists():
@@ -177,7 +155,9 @@ def main(argv=None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     os.chdir(REPO)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, open(RESULTS / "incremental.log", "w") as log:
+    log = RESULTS / "incremental.log"
+    log.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
         plan = {d: v for d, v in datasets(args).items() if not args.only or args.only in d.lower()}
         results = {d: {m: [] for m in v[2]} for d, v in datasets(args).items()}
         name = "incremental_quick" if args.quick else "incremental"

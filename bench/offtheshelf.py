@@ -24,16 +24,10 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-from bench.memory import run_with_peak_pss
+from bench.common import REPO, RESULTS, run
 from bench.provenance import code_version, file_sha, same_code
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 CONFIG = "configs/feature_extraction/cub200.yaml"
 RUNS = REPO / "runs" / "bench_offtheshelf"
 FIXED = "--model.recipe=null"
@@ -79,23 +73,14 @@ def run_row(name: str, cache: str, overrides: list[str], provenance: dict) -> di
     run_dir = RUNS / "runs" / name.replace(" ", "_").replace("/", "_").replace("`", "")
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    env = dict(os.environ, TL_LIGHTNING_CACHE=str(RUNS / cache), PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "tl_lightning", "fit", "--config", CONFIG, *overrides,
-           f"--trainer.default_root_dir={run_dir}"]
     entries = cache_entries(cache)
-    started = time.perf_counter()
     log = run_dir.parent / f"{run_dir.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:  # to a file, not a pipe: the PSS sampler waits on the process
-        proc, peak = run_with_peak_pss(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - started
+    log.unlink(missing_ok=True)
+    m = run([CONFIG], overrides, run_dir, log=log, env={"TL_LIGHTNING_CACHE": str(RUNS / cache)})
     extracted = cache_entries(cache) - entries
-    if proc.returncode != 0:
-        raise SystemExit(f"row '{name}' failed (log {log}):\n{log.read_text()[-3000:]}")
-    m = json.loads((run_dir / "metrics.json").read_text())
     fit = m.get("head_fit", {})
     return {"name": name, "cache": cache, "overrides": overrides, "test_acc": m["metrics"]["test/acc"],
-            "wall_s": round(seconds, 1), "peak_pss_mb": None if peak is None else round(peak / 2**20),
+            "wall_s": m["bench"]["wall_s"], "peak_pss_mb": m["bench"]["peak_pss_mb"],
             "extracted": extracted, "cli_wall_s": m["wall_time_s"], "recipe": m.get("summary", {}).get("recipe"),
             "head_fit": {k: v for k, v in fit.items() if not k.endswith("_grid") and k != "val_scores"},
             "recipe_selection": m.get("recipe_selection"), **provenance}

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from bench.memory import PeakPSS, supported
+from bench.common import cli, run
 from tl_lightning.data.base import open_image
 from tl_lightning.data.files import list_images
 from tl_lightning.data.report import find_unreadable
@@ -68,25 +67,14 @@ def write_csv(cub: Path, out: Path) -> Path:
     return out
 
 
-def run_cli(*args) -> None:
-    from tl_lightning.cli import main
-
-    main([str(a) for a in args])
-
-
 def fit(name: str, work: Path, data_args: list[str], quick: bool) -> dict:
-    run = work / name
-    t = time.perf_counter()
-    with PeakPSS(os.getpid()) as pss:  # this process (the run is in-process) and its loader workers
-        run_cli("fit", "--config", "configs/feature_extraction/image_folder.yaml", *data_args,
-                f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-                "--trainer.enable_model_summary=false", f"--trainer.max_epochs={10 if quick else 30}",
-                f"--data.image_size={128 if quick else 224}")
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["wall_s"] = time.perf_counter() - t
-    metrics["peak_pss_mb"] = round(pss.peak / 2**20) if supported() else None
-    metrics["run"] = run
-    return metrics
+    """The image-folder config with ``data_args``, through the CLI in a process of its own."""
+    run_dir = work / name
+    metrics = run(["configs/feature_extraction/image_folder.yaml"],
+                  [*data_args, "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+                   "--trainer.enable_model_summary=false", f"--trainer.max_epochs={10 if quick else 30}",
+                   f"--data.image_size={128 if quick else 224}"], run_dir, log=work / f"{name}.log")
+    return {**metrics, **metrics["bench"], "run": run_dir}
 
 
 def plot(rows: list[tuple[str, float]], path: Path) -> None:
@@ -135,12 +123,10 @@ def main(argv=None) -> None:
     # a fitted head (the config's auto recipe: logistic or SVM) never steps an optimizer, so no best-by-validation
     # checkpoint is written; its one epoch's last.ckpt holds the fitted head
     ckpt = csv_run["best_checkpoint"] or str(csv_run["run"] / "checkpoints" / "last.ckpt")
-    t = time.perf_counter()
-    run_cli("predict", "--config", "configs/feature_extraction/image_folder.yaml", *csv_args,
-            f"--data.image_size={128 if args.quick else 224}", f"--trainer.default_root_dir={csv_run['run']}",
-            "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--ckpt_path", ckpt,
-            f"--data.predict_dir={new}")
-    predict_s = time.perf_counter() - t
+    predict_s = cli(["predict", "--config", "configs/feature_extraction/image_folder.yaml", *csv_args,
+                     f"--data.image_size={128 if args.quick else 224}", f"--trainer.default_root_dir={csv_run['run']}",
+                     "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--ckpt_path", ckpt,
+                     f"--data.predict_dir={new}"], work / "predict.log")["wall_s"]
     with open(csv_run["run"] / "predictions.csv") as f:
         predictions = list(csv.DictReader(f))
     correct = sum(truth[os.path.basename(r["file"])] == r["class"] for r in predictions)
