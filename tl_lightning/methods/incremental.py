@@ -18,6 +18,11 @@ Presets:
 
 ``loss: ce`` (no distillation) with ``memory_budget: 0`` is plain fine-tuning, the lower bound.
 
+This module keeps the network, the loss, the previous model, the steps and the task sequence; the pieces, one
+concern each: ``incremental_task_end.py`` (memory update by herding, class means, evaluation, their state in
+checkpoints), ``exemplars.py`` (the memory), ``incremental_features.py`` (a frozen backbone's cached features),
+``incremental_report.py`` and ``incremental_metrics.py`` (accuracy matrix, JSON, PNGs).
+
 DDP: the end-of-task work runs on global rank 0 and its result (memory, class means, accuracies) is broadcast,
 so every rank holds the same memory. The previous model is a plain attribute: not a parameter, not in the DDP
 wrapper. Checkpoints carry the memory, class means, class order, task index and previous model; a resumed run
@@ -26,32 +31,25 @@ continues in the task it was in (and finishes a task whose end it had reached bu
 from __future__ import annotations
 
 import copy
-import json
-import os
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from tl_lightning.atomic import write_text
-from tl_lightning.backbones import create_backbone, weights_id
+from tl_lightning.backbones import create_backbone
 from tl_lightning.data.base import default_cache_dir
 from tl_lightning.data.incremental import ClassIncrementalDataModule
 from tl_lightning.errors import TLError
-from tl_lightning.feature_cache import FeatureCache, cache_key, extract_features
+from tl_lightning.feature_cache import FeatureCache
 from tl_lightning.losses import distillation_loss, icarl_loss
 from tl_lightning.methods.base import TransferModule
-from tl_lightning.methods.exemplars import ExemplarMemory, class_means, herding_order, nme_scores
-from tl_lightning.methods.incremental_metrics import (
-    flat_metrics, plot_accuracy_curve, plot_accuracy_matrices, summarize,
-)
+from tl_lightning.methods.exemplars import ExemplarMemory, nme_scores
+from tl_lightning.methods.incremental_features import CachedBackboneFeatures
+from tl_lightning.methods.incremental_report import IncrementalReport
+from tl_lightning.methods.incremental_task_end import TaskEnd
 
 PRESETS = {"paper": {"loss": "bce", "flip_nme": True}, "transfer": {"loss": "kd", "flip_nme": False}}
-STATE_KEY = "icarl"
 
 
 class IncrementalNet(nn.Module):
@@ -74,7 +72,7 @@ class IncrementalNet(nn.Module):
         return self.head(self.embed(x))
 
 
-class ICaRL(TransferModule):
+class ICaRL(TaskEnd, CachedBackboneFeatures, IncrementalReport, TransferModule):
     """iCaRL over the tasks of a ``ClassIncrementalDataModule`` (see module docstring)."""
 
     def __init__(
@@ -244,128 +242,6 @@ class ICaRL(TransferModule):
         self._fresh_optimizer = self.finished < dm.num_tasks
         self._log_task(task, result)
 
-    @torch.no_grad()
-    def _task_end_on_rank_zero(self, task: int) -> dict:
-        dm = self.dm
-        seen = dm.seen_classes(task)
-        was_training = self.training
-        self.eval()
-        try:
-            self._update_memory(task)
-            means = self._exemplar_means(seen)
-            rows, seen_acc = self._evaluate(task, means)
-        finally:
-            self.train(was_training)
-        return {"memory": self.memory.state_dict(), "means": None if means is None else means.cpu(),
-                "rows": rows, "seen": seen_acc}
-
-    def _update_memory(self, task: int) -> None:
-        """Reduce the old classes' sets (prefix cut), then herd exemplars of the new classes (Alg. 4, 5)."""
-        dm = self.dm
-        sizes = self.memory.sizes(list(range(dm.seen_classes(task))))
-        self.memory.reduce(sizes)
-        train = dm.full_split("train", deterministic=True)
-        targets = train.targets
-        for c in dm.task_classes(task):
-            positions = np.flatnonzero(targets == c)
-            if sizes[c] == 0 or not len(positions):
-                self.memory.add(c, positions[:0])
-                continue
-            feats, _ = self._embed_all("train", train.subset(positions))
-            self.memory.add(c, positions[herding_order(feats, sizes[c]).numpy()])
-
-    def _exemplar_means(self, seen: int) -> Optional[torch.Tensor]:
-        """NME class means over each class's exemplars (None while a seen class has no exemplar)."""
-        if any(len(self.memory.exemplars.get(c, ())) == 0 for c in range(seen)):
-            return None
-        exemplars = self.dm.full_split("train", deterministic=True).subset(self.memory.positions(list(range(seen))))
-        feats, labels = self._embed_all("train", exemplars)
-        flipped = self._embed_all("train", exemplars, flip=True)[0] if self.flip_nme else None
-        return class_means(feats, labels, self.num_classes, flipped)
-
-    def _evaluate(self, task: int, means: Optional[torch.Tensor]) -> tuple[dict, dict]:
-        """Accuracy per task seen (a row of R) and on all seen classes, for NME and the network's outputs."""
-        dm = self.dm
-        seen = dm.seen_classes(task)
-        test = dm.task_split("test", task, deterministic=True)
-        feats, labels, logits = self._embed_all("test", test, with_logits=True)
-        preds = {"cnn": logits[:, :seen].argmax(1)}
-        if means is not None:
-            preds["nme"] = nme_scores(feats, means[:seen]).argmax(1)
-        task_of = torch.as_tensor(dm.task_of_label())[labels]
-        rows, seen_acc = {}, {}
-        for clf in ("nme", "cnn"):
-            if clf not in preds:
-                rows[clf], seen_acc[clf] = [None] * (task + 1), None
-                continue
-            correct = (preds[clf] == labels).float()
-            rows[clf] = [float(correct[task_of == j].mean()) for j in range(task + 1)]
-            seen_acc[clf] = float(correct.mean())
-        return rows, seen_acc
-
-    def _embed_all(self, split: str, dataset, flip: bool = False, with_logits: bool = False):
-        """``φ(x)`` (and outputs) of every sample of ``dataset`` in eval mode, on this device."""
-        loader = self._eval_loader(split, dataset)
-        feats, labels, logits = [], [], []
-        for x, y in loader:
-            x = x.to(self.device)
-            if flip:
-                x = torch.flip(x, dims=[3])
-            f = self.net.embed(x)
-            feats.append(f.float().cpu())
-            labels.append(y)
-            if with_logits:
-                logits.append(self.net.head(f).float().cpu())
-        feats, labels = torch.cat(feats), torch.cat(labels)
-        return (feats, labels, torch.cat(logits)) if with_logits else (feats, labels)
-
-    def _log_task(self, task: int, result: dict) -> None:
-        metrics = {"incremental/task": float(task), "incremental/classes_seen": float(self.classes_seen[-1])}
-        for clf in ("nme", "cnn"):
-            if result["seen"][clf] is not None:
-                metrics[f"incremental/{clf}/seen_accuracy"] = result["seen"][clf]
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.global_step)
-        nme = result["seen"]["nme"]
-        rank_zero_info(f"[iCaRL] task {task + 1}/{self.dm.num_tasks}: {self.classes_seen[-1]} classes seen, "
-                       f"exemplars {len(self.memory)}, accuracy CNN {100 * result['seen']['cnn']:.1f}%"
-                       + (f", NME {100 * nme:.1f}%" if nme is not None else ""))
-
-    # ----- feature cache (frozen backbone) ---------------------------------------------------------------------
-    def _cached_split(self, split: str) -> tuple[torch.Tensor, np.ndarray]:
-        """Backbone features of the wrapped data set's whole deterministic ``split`` (independent of the class
-        order, so every order reuses them) and the source indices of their rows."""
-        base = self.dm.dataset.split_dataset(split, deterministic=True)
-        key = cache_key(method="icarl", backbone=self.backbone_name, weights=weights_id(self.net.backbone),
-                        dataset=base.fingerprint())
-
-        def compute() -> dict:
-            loader = self.dm.make_loader(base, shuffle=False)
-            return extract_features(self.net.backbone, loader, self.device, desc=f"extracting {split} features")
-
-        if self.trainer.world_size > 1:
-            if self.trainer.is_global_zero:
-                self.feature_cache.get_or_compute(key, compute)
-            self.trainer.strategy.barrier("icarl_feature_cache")
-        return self.feature_cache.get_or_compute(key, compute)["features"], base.indices
-
-    def _cached_subset(self, split: str, dataset) -> TensorDataset:
-        """``dataset`` (a view of the same source) as cached features and its class-order labels."""
-        feats, indices = self._cached_split(split)
-        order = np.argsort(indices)
-        rows = torch.as_tensor(order[np.searchsorted(indices[order], dataset.indices)])
-        return TensorDataset(feats[rows], torch.as_tensor(dataset.targets, dtype=torch.long))
-
-    def _feature_loader(self, split: str, dataset, shuffle: bool) -> Optional[DataLoader]:
-        if split == "predict" or (split == "train" and not self.dm.deterministic_train):
-            return None
-        return DataLoader(self._cached_subset(split, dataset), batch_size=self.dm.batch_size, shuffle=shuffle)
-
-    def _eval_loader(self, split: str, dataset) -> DataLoader:
-        if self.feature_cache.enabled:
-            return DataLoader(self._cached_subset(split, dataset), batch_size=self.dm.batch_size, shuffle=False)
-        return self.dm.make_loader(dataset, shuffle=False)
-
     # ----- steps -----------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -414,76 +290,3 @@ class ICaRL(TransferModule):
         probs = self.net(x)[:, :seen].softmax(-1)
         score, pred = probs.max(-1)
         return {"pred": pred, "score": score, "probs": probs}
-
-    # ----- checkpoints -----------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[STATE_KEY] = {
-            "finished": self.finished,
-            "memory": self.memory.state_dict(),
-            "means": None if self.means is None else self.means.cpu(),
-            "rows": self.rows,
-            "seen_acc": self.seen_acc,
-            "classes_seen": self.classes_seen,
-            "class_order": self.class_order,
-            "previous_model": self._previous_state(),
-            # a task ended but the next one has not started: its optimizer must still be replaced on resume
-            "fresh_optimizer": self._fresh_optimizer,
-        }
-
-    def _previous_state(self) -> Optional[dict]:
-        if self.previous_model is None:
-            return None
-        state = self.previous_model.state_dict()
-        if self.freeze_backbone:
-            state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-        return state
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get(STATE_KEY)
-        if state is None:
-            raise TLError("this checkpoint has no iCaRL state (memory, task index); resume from a checkpoint "
-                          "written by ICaRL.")
-        self.finished = int(state["finished"])
-        self.memory.load_state_dict(state["memory"])
-        self.means = state["means"]
-        self.rows, self.seen_acc = state["rows"], state["seen_acc"]
-        self.classes_seen = list(state["classes_seen"])
-        self.class_order = list(state["class_order"])
-        self._previous = []
-        if state["previous_model"] is not None:
-            previous = copy.deepcopy(self.net).eval()  # a frozen backbone is the same in both: not saved twice
-            previous.load_state_dict(state["previous_model"], strict=not self.freeze_backbone)
-            previous.requires_grad_(False)
-            self._previous = [previous]
-        self._fresh_optimizer = bool(state.get("fresh_optimizer", False))
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-        self._resume_epoch = int(progress.get("processed", checkpoint.get("epoch", 0)))
-        if self.means is not None:
-            self.means = self.means.to(self.device)
-        if self._trainer is not None and isinstance(self.trainer.datamodule, ClassIncrementalDataModule):
-            self._serve_task()
-
-    # ----- results ---------------------------------------------------------------------------------------------
-    def summary(self) -> dict:
-        return {clf: summarize(self.rows[clf], self.seen_acc[clf]) for clf in ("nme", "cnn")}
-
-    def results(self) -> dict:
-        if not self.rows["cnn"]:
-            return {}
-        return {"incremental": {"class_order": self.class_order, "classes_seen": self.classes_seen,
-                                "tasks_finished": self.finished, "exemplars": len(self.memory),
-                                **self.summary()}}
-
-    def write_report(self, run_dir: str) -> None:
-        """``incremental.json``, ``incremental_accuracy.png`` and ``accuracy_matrix.png`` in ``run_dir``; the
-        scalar metrics also go to the configured loggers."""
-        os.makedirs(run_dir, exist_ok=True)
-        report = self.results()["incremental"]
-        write_text(os.path.join(run_dir, "incremental.json"), json.dumps(report, indent=2))
-        curves = {f"iCaRL {clf.upper()}": self.seen_acc[clf] for clf in ("nme", "cnn")}
-        plot_accuracy_curve(self.classes_seen, curves, os.path.join(run_dir, "incremental_accuracy.png"))
-        plot_accuracy_matrices({clf.upper(): self.rows[clf] for clf in ("nme", "cnn")},
-                               os.path.join(run_dir, "accuracy_matrix.png"))
-        scalars = flat_metrics(self.summary())
-        for logger in self.loggers:
-            logger.log_metrics(scalars, step=self.global_step)
