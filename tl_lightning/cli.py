@@ -26,7 +26,7 @@ from tl_lightning.callbacks.random_state import RandomState
 from tl_lightning.callbacks.requeue import Requeued, SLURMRequeue
 from tl_lightning.callbacks.results import BestCheckpoint, ResultsWriter, run_checkpoint
 from tl_lightning.backbones import check_backbone_name
-from tl_lightning.console import quiet_expected_noise
+from tl_lightning.console import CompactModelSummary, quiet_expected_noise
 from tl_lightning.errors import TLError
 from tl_lightning.loggers import place_loggers_in_run_dir
 from tl_lightning.methods.base import TransferModule
@@ -139,6 +139,10 @@ class TLCLI(LightningCLI):
             # manual optimisation steps parts of the model on their own (e.g. a domain classifier on detached
             # features), so a backward pass may leave parameters without gradients: DDP must expect that
             kwargs.setdefault("strategy", "ddp_find_unused_parameters_true")
+        summary = next((c for c in self.trainer_defaults.get("callbacks", []) if isinstance(c, CompactModelSummary)), None)
+        if summary is not None:  # ours in place of Lightning's, on unless the config turns summaries off
+            summary.enabled = self._get(self.config_init, "trainer", default={}).get("enable_model_summary") is not False
+            kwargs["enable_model_summary"] = False
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs.setdefault("plugins", [atomic.AtomicCheckpointIO()])  # checkpoints written atomically
         return super().instantiate_trainer(**kwargs)
@@ -218,7 +222,7 @@ def run_cli(args: Optional[list[str]] = None, run: bool = True, cli_class: type 
         parser_class=TLArgumentParser,
         trainer_defaults={"callbacks": [ResultsWriter(), BestCheckpoint(), SLURMRequeue(), PredictionWriter(),
                                         ConfusionMatrix(), LoggerResume(), InterruptCheckpoint(argv), RandomState(),
-                                        CompileAdvice()]},
+                                        CompileAdvice(), CompactModelSummary()]},
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
