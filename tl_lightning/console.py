@@ -7,6 +7,7 @@ Silenced, each for the reason given:
 - "Found N module(s) in eval mode": frozen backbones (feature extraction, frozen fine-tuning groups, a teacher)
   are kept in eval mode by design, so their BatchNorm statistics stay the pretrained ones;
 - Lightning's "Tip" advertising a cloud logger;
+- the tensorboardX notice (where TensorBoard is not installed, ``logger: true`` writes CSV, as documented);
 - the model summary's FLOPs column and "Total FLOPs: 0" (``CompactModelSummary``).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ EXPECTED_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
     r"Found \d+ module\(s\) in eval mode at the start of training",
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed as a dependency",
 )
 EXPECTED_LOG_PREFIXES = ("💡 Tip:",)
 
