@@ -97,7 +97,8 @@ def fit_command(row: Row, seed: int, run_dir: Path, quick: bool) -> list[str]:
                 "--trainer.callbacks.monitor=val/target_acc", "--trainer.callbacks.mode=max",
                 f"--trainer.callbacks.dirpath={run_dir / ORACLE}", f"--trainer.callbacks.filename={ORACLE}"]
     if quick:  # the k rows have a source stage in the run: one epoch of it (and one of adaptation) in a smoke run
-        cmd += QUICK + ([] if row.overlays else ["--model.init_args.source_pretrain_epochs=1", "--trainer.max_epochs=2"])
+        staged = not row.overlays and row.labelled not in ("0", "all")
+        cmd += QUICK + (["--model.init_args.source_pretrain_epochs=1", "--trainer.max_epochs=2"] if staged else [])
     return cmd
 
 

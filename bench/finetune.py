@@ -41,6 +41,11 @@ QUICK = ["--trainer.max_epochs=2", "--model.scheduler.init_args.T_max=2", "--dat
          "--data.samples_per_class=5"]
 
 
+def quick_overrides(config: str) -> list[str]:
+    """``QUICK`` for a row's config: the feature-extraction config has no scheduler to shorten."""
+    return [o for o in QUICK if config == FT_CONFIG or not o.startswith("--model.scheduler")]
+
+
 def strategy(class_name: str, **init_args) -> str:
     return "--model.unfreeze=" + json.dumps({"class_path": f"tl_lightning.callbacks.unfreeze.{class_name}",
                                              "init_args": init_args})
@@ -172,7 +177,7 @@ def main(argv=None) -> None:
     done = []
     for i, (name, config, overrides) in enumerate(rows(epochs)):
         run_dir = runs / f"{i}"
-        overrides = [*overrides, *(QUICK if args.quick else [])]
+        overrides = [*overrides, *(quick_overrides(config) if args.quick else [])]
         old, sha = kept.get(name), file_sha(config)
         if (old is not None and old["command"] == command(config, overrides, run_dir)
                 and old.get("config_sha") == sha
