@@ -1,5 +1,6 @@
-"""What every benchmark shares: the paths, one way to run the CLI the way a user does, ``mean ± std``, Markdown
-tables and atomic writes. A benchmark is a list of rows over the shipped configs; each row is ``run(...)``."""
+"""What every benchmark shares: the paths, one way to run the CLI the way a user does, and ``mean ± std``. A
+benchmark is a list of rows over the shipped configs; each row is ``run(...)``. Results files are written with
+``tl_lightning.atomic.write_text``."""
 from __future__ import annotations
 
 import json
@@ -60,17 +61,3 @@ def mean_std(values: Sequence[Optional[float]], scale: float = 100.0, digits: in
     if len(v) == 1:
         return f"{v[0]:.{digits}f}"
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
-    """The lines of a Markdown table."""
-    return ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header),
-            *["| " + " | ".join("-" if c is None else str(c) for c in row) + " |" for row in rows]]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a temporary file beside it and a rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -29,7 +29,8 @@ import platform
 import shutil
 from pathlib import Path
 
-from bench.common import REPO, RESULTS, SHARED, run, write_atomic
+from bench.common import REPO, RESULTS, SHARED, run
+from tl_lightning.atomic import write_text
 from bench.provenance import code_version, file_sha, same_code
 
 DATA = SHARED / "CUB_200_2011_subset10" / "CUB_200_2011"
@@ -194,8 +195,8 @@ def main(argv=None) -> None:
 def report(done: list[dict], quick: bool, epochs: int, out_json: Path) -> None:
     suffix = "_quick" if quick else ""
     text = table(done, quick, epochs)
-    write_atomic(out_json, json.dumps({"rows": done, "epochs": epochs}, indent=1))
-    write_atomic(RESULTS / f"finetune{suffix}.md", text)
+    write_text(str(out_json), json.dumps({"rows": done, "epochs": epochs}, indent=1))
+    write_text(str(RESULTS / f"finetune{suffix}.md"), text)
     plot(done, RESULTS / f"finetune{suffix}.png")
     print(text, flush=True)
 

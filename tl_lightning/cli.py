@@ -134,16 +134,18 @@ class TLCLI(LightningCLI):
             resume_loggers(config.trainer, config.get("ckpt_path"))
 
     def instantiate_trainer(self, **kwargs):
-        strategy = self._get(self.config_init, "trainer", default={}).get("strategy")
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        strategy = trainer_config.get("strategy")
         if strategy == "ddp" and not getattr(self.model, "automatic_optimization", True):
             # manual optimisation steps parts of the model on their own (e.g. a domain classifier on detached
             # features), so a backward pass may leave parameters without gradients: DDP must expect that
             kwargs.setdefault("strategy", "ddp_find_unused_parameters_true")
-        summary = next((c for c in self.trainer_defaults.get("callbacks", []) if isinstance(c, CompactModelSummary)), None)
+        defaults = self.trainer_defaults.get("callbacks", [])
+        summary = next((c for c in defaults if isinstance(c, CompactModelSummary)), None)
         if summary is not None:  # ours in place of Lightning's, on unless the config turns summaries off
-            summary.enabled = self._get(self.config_init, "trainer", default={}).get("enable_model_summary") is not False
+            summary.enabled = trainer_config.get("enable_model_summary") is not False
             kwargs["enable_model_summary"] = False
-        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+        if not trainer_config.get("plugins"):
             kwargs.setdefault("plugins", [atomic.AtomicCheckpointIO()])  # checkpoints written atomically
         return super().instantiate_trainer(**kwargs)
 

@@ -19,9 +19,8 @@ The pieces, one concern each: ``source_stage.py`` (the source model, soft labels
 metric, DEV), ``domain_statistics.py`` (per-domain BatchNorm, ``domain_batchnorm``). Baselines from the same
 module: ``mode: source_only`` and ``mode: target_only`` (with ``labelled_per_class: null``: train-on-target).
 
-Logged: ``train/loss`` and every term (``loss_cls``, ``loss_domain``, ``loss_conf``, ``loss_soft``),
-``train/lambda``, ``train/{source,target}_acc``, ``train/domain_acc``; ``{val,test}/{target,source}_acc`` and
-``{val,test}/domain_acc`` (balanced over the domains: about 50% when confusion works).
+Logged: ``train/loss`` and every term (``loss_cls``, ``loss_domain``, ``loss_conf``, ``loss_soft``), ``train/lambda``,
+``train/{source,target,domain}_acc``; ``{val,test}/{target,source,domain}_acc`` (domain: balanced, 50% = confused).
 """
 from __future__ import annotations
 
@@ -184,14 +183,13 @@ class DomainAdaptation(SourceStage, AdaptationSchedule, DomainEvaluation, Transf
         return list(self.features.parameters()) + list(self.classifier.parameters())
 
     def configure_optimizers(self):
-        model_opt = self.optimizer_factory([{"params": self.model_parameters(), "lr": self.lr,
-                                             "weight_decay": self.weight_decay, "name": "model"}])
-        domain_opt = self.optimizer_factory([{"params": list(self.domain_classifier.parameters()),
-                                              "lr": self.domain_lr or self.lr, "weight_decay": self.weight_decay,
-                                              "name": "domain"}])
-        teacher_opt = [] if self.teacher is None else [self.optimizer_factory(
-            [{"params": list(self.teacher.parameters()), "lr": self.lr, "weight_decay": self.weight_decay,
-              "name": "teacher"}])]
+        def optimizer(params, lr: float, name: str):
+            return self.optimizer_factory([{"params": list(params), "lr": lr, "weight_decay": self.weight_decay,
+                                            "name": name}])
+
+        model_opt = optimizer(self.model_parameters(), self.lr, "model")
+        domain_opt = optimizer(self.domain_classifier.parameters(), self.domain_lr or self.lr, "domain")
+        teacher_opt = [] if self.teacher is None else [optimizer(self.teacher.parameters(), self.lr, "teacher")]
         optimizers = [model_opt, domain_opt] + teacher_opt
         schedulers = self.learning_rate_schedulers([model_opt, domain_opt])  # the teacher's lr stays constant
         return (optimizers, schedulers) if schedulers else optimizers
@@ -207,18 +205,12 @@ class DomainAdaptation(SourceStage, AdaptationSchedule, DomainEvaluation, Transf
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self._batch_idx = batch_idx
         if self.in_source_stage:
-            self._source_step(batch)
-            return
+            return self._source_step(batch)
         model_opt, domain_opt = self.optimizers()[:2]
         if self.mode != "adapt":
             domain = SOURCE if self.mode == "source_only" else TARGET
             x, y = batch["source"] if domain == SOURCE else batch["target_labelled"]
-            logits = self(x, domain)
-            loss = self.loss(logits, y)
-            self._step(model_opt, loss)
-            self._log("loss", loss, len(y))
-            self._log("loss_cls", loss, len(y))
-            self._log_acc("source_acc" if self.mode == "source_only" else "target_acc", logits, y)
+            self._supervised_step(model_opt, self(x, domain), y, "source_acc" if domain == SOURCE else "target_acc")
             self._step_schedulers("step")
             return
 
@@ -276,6 +268,15 @@ class DomainAdaptation(SourceStage, AdaptationSchedule, DomainEvaluation, Transf
         self._log_acc("source_acc", logits[:n_s], y_s)
         self._log_acc("target_acc", logits[n_s:], y_l)
         self._step_schedulers("step")
+
+    def _supervised_step(self, optimizer, logits: torch.Tensor, y: torch.Tensor, acc_name: str) -> torch.Tensor:
+        """L_C alone, one step of ``optimizer`` (the baselines, the source stage); logged as loss and loss_cls."""
+        loss = self.loss(logits, y)
+        self._step(optimizer, loss)
+        self._log("loss", loss, len(y))
+        self._log("loss_cls", loss, len(y))
+        self._log_acc(acc_name, logits, y)
+        return loss
 
     def _step(self, optimizer, loss: torch.Tensor) -> None:
         optimizer.zero_grad()

@@ -158,13 +158,9 @@ class SourceStage:
         model_opt, _domain_opt, *teacher_opt = self.optimizers()
         x, y = batch["source"]
         logits = self.teacher(x) if self.teacher is not None else self(x, SOURCE)
-        loss = self.loss(logits, y)
-        self._step(teacher_opt[0] if teacher_opt else model_opt, loss)
+        loss = self._supervised_step(teacher_opt[0] if teacher_opt else model_opt, logits, y, "source_acc")
         total, count = self._stage_loss
         self._stage_loss = total + loss.detach() * len(y), count + len(y)
-        self._log("loss", loss, len(y))
-        self._log("loss_cls", loss, len(y))
-        self._log_acc("source_acc", logits, y)
 
     def on_fit_end(self) -> None:
         if not bool(self.source_stage_done) and self.source_stage_epochs:
