@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FAST, read_metrics, run_cli
+from tl_lightning.backbones import create_backbone
 from tl_lightning.data import DigitsDataModule
 from tl_lightning.data.incremental import ClassIncrementalDataModule
 from tl_lightning.errors import TLError
@@ -27,7 +28,7 @@ DIGITS = (
     "--data.dataset=tl_lightning.data.DigitsDataModule", "--data.dataset.init_args.samples_per_class=20",
     "--data.dataset.init_args.num_workers=0", "--data.dataset.init_args.batch_size=32",
     "--data.classes_per_task=2", "--data.class_order=[5,3,8,0,1,7]", "--data.eval_samples_per_class=10",
-    "--test_after_fit=false",
+    "--trainer.reload_dataloaders_every_n_epochs=1", "--test_after_fit=false",
 )
 
 
@@ -209,19 +210,16 @@ def test_one_fit_runs_every_task_with_fresh_optimizers_and_replay(tmp_path):
     recorder = _TaskRecorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
-                        default_root_dir=str(tmp_path))
+                        default_root_dir=str(tmp_path), reload_dataloaders_every_n_epochs=1)
     trainer.fit(model, datamodule=dm)
-    assert trainer.current_epoch == 6  # max_epochs = 3 tasks x 2 epochs, set by ICaRL
+    assert trainer.current_epoch == 6  # max_epochs unset: the schedule stops the fit after 3 tasks x 2 epochs
     e = recorder.epochs
     assert [r["task"] for r in e] == [0, 0, 1, 1, 2, 2]
     assert e[0]["labels"] == {0, 1} and e[2]["labels"] == {0, 1, 2, 3} and e[4]["labels"] == set(range(6))
     assert e[2]["memory_labels"] == {0, 1} and e[4]["memory_labels"] == {0, 1, 2, 3}
     assert all(r["memory"] <= 12 for r in e) and len(model.memory) <= 12
-    # a fresh optimizer (empty state) at each task start, the same one within a task
-    opts = [r["optimizer"] for r in e]
-    assert opts[0] is opts[1] and opts[2] is opts[3] and opts[4] is opts[5]
-    assert opts[1] is not opts[2] and opts[3] is not opts[4]
-    assert e[2]["steps_in_state"] == 0 and e[3]["steps_in_state"] > 0
+    # a fresh optimizer state (empty) at each task start, kept within a task
+    assert [r["steps_in_state"] == 0 for r in e] == [True, False, True, False, True, False]
     assert not any(r["previous_trained"] or r["previous_in_state_dict"] for r in e)
     # both classifiers evaluated after every task; the report files are written
     res = model.results()["incremental"]
@@ -243,13 +241,14 @@ def test_cli_fit_stops_mid_sequence_and_resumes_in_the_same_task(tmp_path):
     assert state["finished"] == 1 and sorted(state["memory"]["exemplars"]) == [0, 1]  # stopped inside task 2
     assert state["class_order"] == ["5", "3", "8", "0", "1", "7"]
     assert len(state["rows"]["cnn"]) == 1 and state["previous_model"] is not None
-    assert ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 3
+    assert state["optimizer_task"] == 1 and ckpt["ClassIncrementalDataModule"]["task"] == 1
 
     # resume up to the end of task 2: that checkpoint is written after the task's end (memory of 4 classes)
     run_cli("fit", *DIGITS, *FAST, f"--trainer.default_root_dir={run}", f"--ckpt_path={last}",
             "--trainer.max_epochs=4")
     boundary = torch.load(last, map_location="cpu", weights_only=False)
-    assert boundary["icarl"]["finished"] == 2 and boundary["icarl"]["fresh_optimizer"] is True
+    assert boundary["icarl"]["finished"] == 2 and boundary["icarl"]["optimizer_task"] == 1  # task 3 not started
+    assert boundary["ClassIncrementalDataModule"]["task"] == 2  # the data side serves task 3 next
     assert sorted(boundary["icarl"]["memory"]["exemplars"]) == [0, 1, 2, 3]
 
     run_cli("fit", *DIGITS, *FAST, f"--trainer.default_root_dir={run}", f"--ckpt_path={last}")
@@ -272,7 +271,7 @@ def test_cli_fit_stops_mid_sequence_and_resumes_in_the_same_task(tmp_path):
 
     # a run killed after task 2's last epoch but before its end-of-task step (the iCaRL state still says task 2
     # is in progress) does that step first on resume: the same weights give the same exemplars and accuracies
-    pre_end = dict(boundary, icarl=dict(state, fresh_optimizer=False))
+    pre_end = dict(boundary, icarl=state, ClassIncrementalDataModule=ckpt["ClassIncrementalDataModule"])
     torch.save(pre_end, tmp_path / "pre_end.ckpt")
     other = tmp_path / "caught_up"
     run_cli("fit", *DIGITS, *FAST, f"--trainer.default_root_dir={other}", f"--ckpt_path={tmp_path / 'pre_end.ckpt'}")
@@ -296,29 +295,78 @@ def test_cli_rejects_a_plain_datamodule(tmp_path, capsys):
     assert "class-incremental DataModule" in capsys.readouterr().err
 
 
-def test_transfer_preset_with_a_frozen_backbone_and_cached_features(tmp_path):
-    # the CUB/Flowers configs freeze the bundled Lite0; here the small digit CNN keeps the test fast on a CPU
-    torch.manual_seed(0)
-    dm = ClassIncrementalDataModule(DigitsDataModule(num_workers=0, samples_per_class=15, batch_size=32),
-                                    classes_per_task=2, class_order=[0, 1, 2, 3], backbone="digit_cnn")
-    model = ICaRL(backbone="digit_cnn", weights="none", freeze_backbone=True, neck_dim=32,
-                  preset="transfer", epochs_per_task=2, memory_budget=10, num_classes=dm.num_classes,
-                  cache_dir=str(tmp_path / "cache"))
-    assert model.loss_name == "kd" and not model.flip_nme and model.feature_cache.enabled
+def _digit_weights(path, seed: int) -> str:
+    torch.manual_seed(seed)
+    torch.save(create_backbone("digit_cnn", "none", num_classes=0).state_dict(), path)
+    return str(path)
+
+
+def _served_features_dm(weights: str, cache) -> ClassIncrementalDataModule:
+    return ClassIncrementalDataModule(DigitsDataModule(num_workers=0, samples_per_class=15, batch_size=32,
+                                                       cache_dir=str(cache)),
+                                      classes_per_task=2, class_order=[0, 1, 2, 3], backbone="digit_cnn",
+                                      feature_weights=weights)
+
+
+def _trainer(tmp_path, callbacks=()) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                     default_root_dir=str(tmp_path), reload_dataloaders_every_n_epochs=1)
+
+
+def test_transfer_preset_with_a_frozen_backbone_on_served_features(tmp_path):
+    # the CUB/Flowers configs freeze the bundled Lite0; here a saved digit CNN keeps the test fast on a CPU
+    weights = _digit_weights(tmp_path / "digit_cnn.pt", seed=1)
+    dm = _served_features_dm(weights, tmp_path / "cache")
+    model = ICaRL(backbone="digit_cnn", weights=weights, freeze_backbone=True, neck_dim=32, preset="transfer",
+                  epochs_per_task=2, memory_budget=10, num_classes=dm.num_classes)
+    assert model.loss_name == "kd" and not model.flip_nme
     before = {k: v.clone() for k, v in model.net.backbone.state_dict().items()}
     inputs = []
 
     class Inputs(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            inputs.append(batch[0].ndim)
+            inputs.append(tuple(batch[0].shape[1:]))
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Inputs()],
-                        default_root_dir=str(tmp_path))
-    trainer.fit(model, datamodule=dm)
-    assert set(inputs) == {2}  # training read cached backbone features, not images
+    _trainer(tmp_path, [Inputs()]).fit(model, datamodule=dm)
+    assert set(inputs) == {(model.net.backbone.num_features,)}  # training read the data side's features
     assert list((tmp_path / "cache" / "features").glob("*.pt"))
+    # the served features are the model's own backbone features of the deterministic images
+    images, test = dm.dataset.split_dataset("test", deterministic=True), dm.full_split("test")
+    x = torch.stack([images[int(i)][0] for i in test.indices[:8]])  # rows are the wrapped split's samples
+    served = torch.stack([test[k][0] for k in range(8)])
+    with torch.no_grad():
+        assert torch.allclose(served, model.net.backbone.eval()(x), atol=1e-5)
+    assert [test[k][1] for k in range(8)] == [dm.order.index(images[int(i)][1]) for i in test.indices[:8]]
     after = model.net.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # frozen, BatchNorm statistics included
     res = model.results()["incremental"]
     assert len(res["nme"]["accuracy_matrix"]) == 2 and len(res["cnn"]["seen_accuracy"]) == 2
+
+
+def test_served_features_must_match_the_models_frozen_backbone(tmp_path):
+    served = _digit_weights(tmp_path / "a.pt", seed=1)
+    other = _digit_weights(tmp_path / "b.pt", seed=2)
+    dm = _served_features_dm(served, tmp_path / "cache")
+    model = ICaRL(backbone="digit_cnn", weights=other, freeze_backbone=True, preset="transfer",
+                  epochs_per_task=1, num_classes=dm.num_classes)
+    with pytest.raises(TLError, match="other weights than the model's backbone"):
+        _trainer(tmp_path).fit(model, datamodule=dm)
+    trainable = ICaRL(backbone="digit_cnn", weights=served, freeze_backbone=False, preset="transfer",
+                      epochs_per_task=1, num_classes=dm.num_classes)
+    with pytest.raises(TLError, match="freeze_backbone=true"):
+        _trainer(tmp_path).fit(trainable, datamodule=_served_features_dm(served, tmp_path / "cache"))
+    with pytest.raises(TLError, match="feature_weights: none"):
+        _served_features_dm("none", tmp_path / "cache").setup()
+    with pytest.raises(TLError, match="augment"):
+        ClassIncrementalDataModule(DigitsDataModule(augment=True), feature_weights=served)
+
+
+def test_the_task_schedule_needs_loaders_rebuilt_every_epoch(tmp_path):
+    dm = ClassIncrementalDataModule(DigitsDataModule(num_workers=0, samples_per_class=5), classes_per_task=2,
+                                    class_order=[0, 1], backbone="digit_cnn")
+    model = ICaRL(backbone="digit_cnn", weights="none", epochs_per_task=1, num_classes=dm.num_classes)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=str(tmp_path))
+    with pytest.raises(TLError, match="reload_dataloaders_every_n_epochs=1"):
+        trainer.fit(model, datamodule=dm)

@@ -375,6 +375,7 @@ def test_adaptation_and_icarl_run_on_own_data_from_the_cli(tmp_path):
                                "dataset": {"class_path": "tl_lightning.data.ImageFolderDataModule",
                                            "init_args": {"data_dir": str(tmp_path / "photos"), "num_workers": 0,
                                                          "batch_size": 4, "image_size": 32}}}},
+        "trainer": {"reload_dataloaders_every_n_epochs": 1},  # the task switches at epoch boundaries
     }
     for name, config in (("adaptation", adaptation), ("incremental", incremental)):
         path = tmp_path / f"{name}.yaml"

@@ -107,7 +107,8 @@ def test_icarl_step_one_forward_of_the_network_and_no_per_step_logging(tmp_path)
     probe = StepProbe(backbone=model.net.backbone)
     trainer = L.Trainer(limit_train_batches=STEPS, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu",
                         devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[probe], default_root_dir=tmp_path)
+                        enable_model_summary=False, callbacks=[probe], default_root_dir=tmp_path,
+                        reload_dataloaders_every_n_epochs=1)
     trainer.fit(model, datamodule=dm)  # two tasks of one epoch each
     first, second = probe.steps[:STEPS], probe.steps[STEPS:]
     assert len(second) == STEPS

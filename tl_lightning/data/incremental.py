@@ -6,9 +6,14 @@ are renumbered to positions in that order, so the classes of task ``t`` are a co
 seen so far" are ``0 .. seen-1``.
 
 Per task ``t``: **train** holds the task's new classes plus the exemplar memory (positions into the full
-training split, set by the method with :meth:`ClassIncrementalDataModule.set_task`); **val** and **test** hold
-every class seen so far. ``joint=True`` trains each task on all the data of the classes seen so far (the upper
-bound). Loaders come from the wrapped DataModule (its batch size, workers and transforms).
+training split); **val** and **test** hold every class seen so far. The task served and the memory are set by
+the Trainer-side schedule (``callbacks.task_schedule.TaskSchedule`` calls :meth:`set_task`) and saved in
+checkpoints (``state_dict``), so ``validate``/``test`` of a checkpoint serve the task it was in. ``joint=True``
+trains each task on all the data of the classes seen so far (the upper bound). Loaders come from the wrapped
+DataModule (its batch size, workers and transforms).
+
+``feature_weights`` serves, instead of images, the pooled features of ``backbone`` with those weights
+(``backbone_features``: extracted once per split and cached), for a model whose backbone is frozen.
 """
 from __future__ import annotations
 
@@ -76,6 +81,7 @@ class ClassIncrementalDataModule(TLDataModule):
         batch_size: Optional[int] = None,
         num_workers: Optional[int] = None,
         backbone: Optional[str] = None,
+        feature_weights: Optional[str] = None,
     ):
         """
         Args:
@@ -90,6 +96,9 @@ class ClassIncrementalDataModule(TLDataModule):
             batch_size: override the wrapped DataModule's batch size.
             num_workers: override the wrapped DataModule's loader processes.
             backbone: linked from the model; passed to the wrapped DataModule (input size and normalisation).
+            feature_weights: serve the pooled features of ``backbone`` with these weights (``bundled``, ``hub`` or a
+                checkpoint path; the model's own, with ``freeze_backbone: true``) instead of images, extracted
+                once and cached; needs ``augment: false`` on the wrapped data set.
         """
         if dataset.multilabel:
             raise TLError(f"{dataset.__class__.__name__} is multi-label; class-incremental learning needs "
@@ -108,6 +117,12 @@ class ClassIncrementalDataModule(TLDataModule):
         self.class_order_seed = class_order_seed
         self.joint = joint
         self.eval_samples_per_class = eval_samples_per_class
+        if feature_weights is not None and not dataset.deterministic_train:
+            raise TLError("served backbone features are extracted once, so training augmentation cannot apply; set "
+                          "augment: false on the wrapped data set (data.init_args.dataset.init_args.augment).")
+        self.feature_weights = feature_weights
+        #: the identity of the weights the served features were read with (None: images are served)
+        self.feature_weights_id: Optional[str] = None
         self.order = resolve_class_order(dataset.classes, class_order, class_order_seed)
         rest = len(self.order) - self.initial_classes
         if rest < 0 or rest % classes_per_task:
@@ -150,12 +165,18 @@ class ClassIncrementalDataModule(TLDataModule):
         self.memory_positions = np.zeros(0, dtype=np.int64) if memory_positions is None else \
             np.asarray(memory_positions, dtype=np.int64)
 
-    # ----- transforms and loaders come from the wrapped DataModule ----------------------------------------------
+    def state_dict(self) -> dict:
+        return {"task": self.task, "memory_positions": self.memory_positions.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_task(int(state["task"]), state["memory_positions"])
+
+    # ----- transforms and loaders come from the wrapped DataModule (served features take none) -----------------
     def eval_transform(self):
-        return self.dataset.eval_transform()
+        return None if self.feature_weights is not None else self.dataset.eval_transform()
 
     def train_transform(self):
-        return self.dataset.train_transform()
+        return None if self.feature_weights is not None else self.dataset.train_transform()
 
     @property
     def deterministic_train(self) -> bool:
@@ -174,7 +195,16 @@ class ClassIncrementalDataModule(TLDataModule):
         self.dataset.setup()
         mapping = np.full(len(self.dataset.classes), -1, dtype=np.int64)
         mapping[self.order] = np.arange(len(self.order))
+        features = None
+        if self.feature_weights is not None:
+            from tl_lightning.data.backbone_features import BackboneFeatures
+
+            features = BackboneFeatures(self.backbone, self.feature_weights, self.cache_dir)
+            self.feature_weights_id = features.weights_id
         for split, ds in self.dataset.splits.items():
+            if features is not None:
+                ds = features.split(split, self.dataset.split_dataset(split, deterministic=True),
+                                    self.dataset.make_loader, self.trainer)
             relabeled = SampleSet(RelabeledSource(ds.source, mapping), ds.indices, ds.transform)
             relabeled = relabeled.subset(np.flatnonzero(relabeled.targets >= 0))
             if split != "train" and self.eval_samples_per_class:

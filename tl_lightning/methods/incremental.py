@@ -2,12 +2,13 @@
 "iCaRL: Incremental Classifier and Representation Learning", CVPR 2017).
 
 One ``fit`` runs every task of a :class:`~tl_lightning.data.incremental.ClassIncrementalDataModule`:
-``epochs_per_task`` epochs each; the DataModule's loaders are rebuilt every epoch and the task switches at
+``epochs_per_task`` epochs each, scheduled by the ``callbacks.task_schedule.TaskSchedule`` callback that the
+module adds (``configure_callbacks``); the DataModule's loaders are rebuilt every epoch and the task switches at
 epoch boundaries. At the end of a task (Alg. 2) the memory is reduced to ``m`` exemplars per class (a prefix of
 each herding order), exemplars of the new classes are chosen by herding, the exemplar class means are
 recomputed, both classifiers (nearest-mean-of-exemplars and the network's outputs) are tested on every task
-seen, and the network is frozen as the "previous model" of the next task, which gets a fresh optimizer and
-scheduler.
+seen, and the network is frozen as the "previous model" of the next task, which starts with a fresh optimizer
+state and scheduler (``start_task``).
 
 Presets:
 
@@ -19,9 +20,10 @@ Presets:
 ``loss: ce`` (no distillation) with ``memory_budget: 0`` is plain fine-tuning, the lower bound.
 
 This module keeps the network, the loss, the previous model, the steps and the task sequence; the pieces, one
-concern each: ``incremental_task_end.py`` (memory update by herding, class means, evaluation, their state in
-checkpoints), ``exemplars.py`` (the memory), ``incremental_features.py`` (a frozen backbone's cached features),
-``incremental_report.py`` and ``incremental_metrics.py`` (accuracy matrix, JSON, PNGs).
+concern each: ``callbacks/task_schedule.py`` (the task sequence as epochs), ``incremental_task_end.py`` (memory
+update by herding, class means, evaluation, their state in checkpoints), ``exemplars.py`` (the memory),
+``incremental_report.py`` and ``incremental_metrics.py`` (accuracy matrix, JSON, PNGs). A frozen backbone's
+features are served by the data side (``ClassIncrementalDataModule(feature_weights=...)``).
 
 DDP: the end-of-task work runs on global rank 0 and its result (memory, class means, accuracies) is broadcast,
 so every rank holds the same memory. The previous model is a plain attribute: not a parameter, not in the DDP
@@ -37,15 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tl_lightning.backbones import create_backbone
-from tl_lightning.data.base import default_cache_dir
+from tl_lightning.backbones import create_backbone, weights_id
+from tl_lightning.callbacks.task_schedule import TaskSchedule
 from tl_lightning.data.incremental import ClassIncrementalDataModule
 from tl_lightning.errors import TLError
-from tl_lightning.feature_cache import FeatureCache
 from tl_lightning.losses import distillation_loss, icarl_loss
 from tl_lightning.methods.base import TransferModule
 from tl_lightning.methods.exemplars import ExemplarMemory, nme_scores
-from tl_lightning.methods.incremental_features import CachedBackboneFeatures
 from tl_lightning.methods.incremental_report import IncrementalReport
 from tl_lightning.methods.incremental_task_end import TaskEnd
 
@@ -55,7 +55,7 @@ PRESETS = {"paper": {"loss": "bce", "flip_nme": True}, "transfer": {"loss": "kd"
 class IncrementalNet(nn.Module):
     """Backbone (timm, pooled features) -> optional neck -> one linear output per class of the whole sequence.
 
-    2-D inputs are taken as precomputed backbone features (the feature cache of a frozen backbone)."""
+    2-D inputs are taken as precomputed backbone features (served by the data side for a frozen backbone)."""
 
     def __init__(self, backbone: str, weights: str, num_classes: int, neck_dim: int = 0):
         super().__init__()
@@ -72,7 +72,7 @@ class IncrementalNet(nn.Module):
         return self.head(self.embed(x))
 
 
-class ICaRL(TaskEnd, CachedBackboneFeatures, IncrementalReport, TransferModule):
+class ICaRL(TaskEnd, IncrementalReport, TransferModule):
     """iCaRL over the tasks of a ``ClassIncrementalDataModule`` (see module docstring)."""
 
     def __init__(
@@ -89,8 +89,6 @@ class ICaRL(TaskEnd, CachedBackboneFeatures, IncrementalReport, TransferModule):
         flip_nme: Optional[bool] = None,
         kd_temperature: float = 2.0,
         kd_weight: float = 1.0,
-        cache_features: bool = True,
-        cache_dir: Optional[str] = None,
         **kwargs,
     ):
         """
@@ -99,7 +97,8 @@ class ICaRL(TaskEnd, CachedBackboneFeatures, IncrementalReport, TransferModule):
             weights: ``none``, ``bundled``, ``hub`` or a checkpoint path.
             freeze_backbone: keep the backbone fixed (eval mode); only the neck and the output layer learn.
             neck_dim: width of a trainable ReLU layer between backbone and outputs (0: none).
-            epochs_per_task: training epochs of every task (``max_epochs`` becomes tasks x this).
+            epochs_per_task: training epochs of every task; the fit stops after the last task (a smaller
+                ``max_epochs`` stops mid-sequence).
             memory_budget: total exemplars K, ``floor(K / classes seen)`` per class; 0 keeps no memory.
             memory_per_class: a fixed number of exemplars per class instead of the total budget.
             preset: ``paper`` (sigmoid BCE + distillation targets, flipped NME means) or ``transfer``
@@ -108,8 +107,6 @@ class ICaRL(TaskEnd, CachedBackboneFeatures, IncrementalReport, TransferModule):
             flip_nme: override the preset: average NME class means over horizontally flipped exemplars.
             kd_temperature: distillation temperature of the ``kd`` loss.
             kd_weight: weight of the distillation term of the ``kd`` loss.
-            cache_features: with a frozen backbone (and no flips), extract backbone features once and reuse them.
-            cache_dir: feature cache folder; default ``$TL_LIGHTNING_CACHE`` or ``~/.cache/tl_lightning``.
         """
         super().__init__(**kwargs)
         if self.multilabel:
@@ -128,8 +125,6 @@ class ICaRL(TaskEnd, CachedBackboneFeatures, IncrementalReport, TransferModule):
         if freeze_backbone:
             self.net.backbone.requires_grad_(False)
             self.net.backbone.eval()
-        self.feature_cache = FeatureCache(cache_dir or default_cache_dir(),
-                                          enabled=cache_features and freeze_backbone and not self.flip_nme)
         self.memory = ExemplarMemory(memory_budget, memory_per_class)
         self.means: Optional[torch.Tensor] = None  # (num_classes, D) exemplar means, rows of classes in memory
         self.finished = 0  # tasks whose end (memory update + evaluation) is done
@@ -138,8 +133,8 @@ class ICaRL(TaskEnd, CachedBackboneFeatures, IncrementalReport, TransferModule):
         self.classes_seen: list[int] = []
         self.class_order: list[str] = []
         self._previous: list[nn.Module] = []  # frozen previous model, in a list: not a submodule
-        self._resume_epoch = 0
-        self._fresh_optimizer = False
+        self._optimizer_task = 0  # the task the optimizer state belongs to
+        self._fresh_scheduler_states: list[dict] = []  # the schedulers as created, reloaded at a task's start
 
     # ----- the task structure (from the DataModule) -----------------------------------------------------------
     @property
@@ -179,52 +174,60 @@ class ICaRL(TaskEnd, CachedBackboneFeatures, IncrementalReport, TransferModule):
         masked[:, seen:] = torch.finfo(masked.dtype).min
         return masked
 
-    # ----- Lightning hooks: the task sequence ------------------------------------------------------------------
+    # ----- Lightning hooks; the task sequence is the TaskSchedule callback's --------------------------------
+    def configure_callbacks(self):
+        return [TaskSchedule()]
+
     def setup(self, stage: str) -> None:
-        dm = self.dm
-        self.class_order = dm.class_names
-        if self.feature_cache.enabled:
-            dm.loader_hook = self._feature_loader
-        if stage == "fit":
-            total = dm.num_tasks * self.epochs_per_task
-            loop = self.trainer.fit_loop
-            if loop.max_epochs is None or loop.max_epochs < 0 or loop.max_epochs > total:
-                loop.max_epochs = total
-            self.trainer.reload_dataloaders_every_n_epochs = 1
+        self.class_order = self.dm.class_names
+        if self.dm.feature_weights is not None and (not self.freeze_backbone or self.flip_nme):
+            raise TLError("the DataModule serves backbone features (feature_weights), which needs "
+                          "--model.freeze_backbone=true and --model.flip_nme=false (flips need images); change "
+                          "one or serve images (data.init_args.feature_weights: null).")
+
+    def _check_served_features(self) -> None:
+        if self.dm.feature_weights_id is not None and weights_id(self.net.backbone) != self.dm.feature_weights_id:
+            raise TLError("the DataModule serves backbone features read with other weights than the model's "
+                          "backbone; give data.init_args.feature_weights the model's weights.")
 
     def on_fit_start(self) -> None:
+        self._check_served_features()
         if self.previous_model is not None:
             self.previous_model.to(self.device)
-        self._catch_up(self._resume_epoch // self.epochs_per_task)
 
-    def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
-        expected = self.current_epoch // self.epochs_per_task
-        if expected != self.task:  # e.g. max_epochs cut a task short and training continues
-            self._catch_up(expected)
-        if self._fresh_optimizer:
-            self.trainer.strategy.setup_optimizers(self.trainer)
-            self._fresh_optimizer = False
-
-    def on_train_epoch_end(self) -> None:
-        if (self.current_epoch + 1) % self.epochs_per_task == 0:
-            self._catch_up((self.current_epoch + 1) // self.epochs_per_task)
+    def on_test_start(self) -> None:
+        self._check_served_features()
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero and self.rows["cnn"]:
             self.write_report(self.trainer.default_root_dir)
 
-    def _catch_up(self, target: int) -> None:
-        """Finish every task before ``target`` that is not finished yet, then serve the current task."""
-        while self.finished < min(target, self.dm.num_tasks):
-            self._finish_task(self.finished)
-        self._serve_task()
+    def memory_positions(self):
+        """The exemplars' positions in the full training split (what the DataModule replays)."""
+        return self.memory.positions()
 
-    def _serve_task(self) -> None:
-        self.dm.set_task(self.task, self.memory.positions())
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        schedulers = [config["lr_scheduler"]["scheduler"]] if isinstance(config, dict) else []
+        self._fresh_scheduler_states = [copy.deepcopy(s.state_dict()) for s in schedulers]
+        return config
+
+    def start_task(self, task: int) -> None:
+        """A task's first epoch: the optimizer state and the schedulers start afresh (once per task, resume too)."""
+        if task <= self._optimizer_task:
+            return
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
+            for group in optimizer.param_groups:
+                if "initial_lr" in group:
+                    group["lr"] = group["initial_lr"]
+        for config, state in zip(self.trainer.lr_scheduler_configs, self._fresh_scheduler_states):
+            config.scheduler.load_state_dict(copy.deepcopy(state))
+        self._optimizer_task = task
 
     # ----- end of a task: memory, class means, evaluation, previous model ------------------------------------
-    def _finish_task(self, task: int) -> None:
+    def finish_task(self, task: int) -> None:
+        """Alg. 2 at the end of ``task`` (on rank 0, broadcast): memory, class means, accuracies, previous model."""
         dm = self.dm
         result = self._task_end_on_rank_zero(task) if self.trainer.is_global_zero else None
         if self.trainer.world_size > 1:
@@ -239,7 +242,6 @@ class ICaRL(TaskEnd, CachedBackboneFeatures, IncrementalReport, TransferModule):
         previous = copy.deepcopy(self.net).eval()
         previous.requires_grad_(False)
         self._previous = [previous]
-        self._fresh_optimizer = self.finished < dm.num_tasks
         self._log_task(task, result)
 
     # ----- steps -----------------------------------------------------------------------------------------------

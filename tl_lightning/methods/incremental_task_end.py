@@ -5,8 +5,8 @@ exemplars of the new classes are chosen by herding (Alg. 4, 5), the exemplar cla
 both classifiers (nearest-mean-of-exemplars and the network's outputs) are tested on every task seen. The
 state (memory, means, accuracy rows, the previous model) goes into every checkpoint.
 
-``TaskEnd`` is a mixin of ``ICaRL``: it reads the module's ``net``, ``memory``, ``dm``, ``flip_nme``,
-``freeze_backbone`` and the feature reader ``_eval_loader``.
+``TaskEnd`` is a mixin of ``ICaRL``: it reads the module's ``net``, ``memory``, ``dm``, ``flip_nme`` and
+``freeze_backbone``.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from tl_lightning.data.incremental import ClassIncrementalDataModule
 from tl_lightning.errors import TLError
 from tl_lightning.methods.exemplars import class_means, herding_order, nme_scores
 
@@ -87,7 +86,7 @@ class TaskEnd:
 
     def _embed_all(self, split: str, dataset, flip: bool = False, with_logits: bool = False):
         """``φ(x)`` (and outputs) of every sample of ``dataset`` in eval mode, on this device."""
-        loader = self._eval_loader(split, dataset)
+        loader = self.dm.make_loader(dataset, shuffle=False)
         feats, labels, logits = [], [], []
         for x, y in loader:
             x = x.to(self.device)
@@ -111,8 +110,8 @@ class TaskEnd:
             "classes_seen": self.classes_seen,
             "class_order": self.class_order,
             "previous_model": self._previous_state(),
-            # a task ended but the next one has not started: its optimizer must still be replaced on resume
-            "fresh_optimizer": self._fresh_optimizer,
+            # the task whose optimizer state this is (the next task's start replaces it, on resume too)
+            "optimizer_task": self._optimizer_task,
         }
 
     def _previous_state(self) -> Optional[dict]:
@@ -140,10 +139,6 @@ class TaskEnd:
             previous.load_state_dict(state["previous_model"], strict=not self.freeze_backbone)
             previous.requires_grad_(False)
             self._previous = [previous]
-        self._fresh_optimizer = bool(state.get("fresh_optimizer", False))
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-        self._resume_epoch = int(progress.get("processed", checkpoint.get("epoch", 0)))
+        self._optimizer_task = int(state["optimizer_task"])
         if self.means is not None:
             self.means = self.means.to(self.device)
-        if self._trainer is not None and isinstance(self.trainer.datamodule, ClassIncrementalDataModule):
-            self._serve_task()
