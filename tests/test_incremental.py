@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import FAST, read_metrics, run_cli
 from tl_lightning.backbones import create_backbone
 from tl_lightning.data import DigitsDataModule
+from tl_lightning.data.backbone_features import BackboneFeatures
 from tl_lightning.data.incremental import ClassIncrementalDataModule
 from tl_lightning.errors import TLError
 from tl_lightning.losses import distillation_loss, icarl_loss, icarl_targets
@@ -318,6 +319,11 @@ def test_transfer_preset_with_a_frozen_backbone_on_served_features(tmp_path):
     # the CUB/Flowers configs freeze the bundled Lite0; here a saved digit CNN keeps the test fast on a CPU
     weights = _digit_weights(tmp_path / "digit_cnn.pt", seed=1)
     dm = _served_features_dm(weights, tmp_path / "cache")
+    images = dm.dataset.split_dataset("val", deterministic=True)
+    rng = torch.get_rng_state()
+    features = BackboneFeatures("digit_cnn", weights, str(tmp_path / "other_cache"))  # builds a model: draws weights
+    features.split("val", images, dm.dataset.make_loader)  # extracts: iterates a loader
+    assert torch.equal(rng, torch.get_rng_state())  # the run's random stream is left where it was
     model = ICaRL(backbone="digit_cnn", weights=weights, freeze_backbone=True, neck_dim=32, preset="transfer",
                   epochs_per_task=2, memory_budget=10, num_classes=dm.num_classes)
     assert model.loss_name == "kd" and not model.flip_nme

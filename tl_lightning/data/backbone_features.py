@@ -17,6 +17,7 @@ from tl_lightning.backbones import create_backbone, weights_id
 from tl_lightning.data.samples import SampleSet, Source
 from tl_lightning.errors import TLError
 from tl_lightning.feature_cache import FeatureCache, cache_key, extract_features
+from tl_lightning.rng import generators_kept
 
 
 class FeatureRows(Source):
@@ -42,7 +43,8 @@ class BackboneFeatures:
             raise TLError("feature_weights: none would extract features with a random backbone the model does not "
                           "share; give pretrained weights (bundled, hub or a checkpoint path) or serve images.")
         self.backbone_name = backbone
-        self.model = create_backbone(backbone, weights, num_classes=0).eval().requires_grad_(False)
+        with generators_kept():  # building the model draws its initial weights: the run's random stream stays
+            self.model = create_backbone(backbone, weights, num_classes=0).eval().requires_grad_(False)
         #: the identity of the weights the features were read with (checked by the model)
         self.weights_id = weights_id(self.model)
         self.cache = FeatureCache(cache_dir)
