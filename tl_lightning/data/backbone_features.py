@@ -8,7 +8,6 @@ own weights (``feature_weights_id``) before it trains or evaluates.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 import torch
@@ -69,9 +68,3 @@ class BackboneFeatures:
             trainer.strategy.barrier("backbone_features")
         features = self.cache.get_or_compute(key, compute)["features"]
         return SampleSet(FeatureRows(features, dataset.targets, f"{name}:{key}"))
-
-    @staticmethod
-    def check_model(served_id: Optional[str], model_id: str) -> None:
-        if served_id is not None and served_id != model_id:
-            raise TLError("the DataModule serves backbone features read with other weights than the model's "
-                          "backbone; give data.init_args.feature_weights the model's weights.")
