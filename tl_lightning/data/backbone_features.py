@@ -8,7 +8,6 @@ own weights (``feature_weights_id``) before it trains or evaluates.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
