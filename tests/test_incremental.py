@@ -244,6 +244,21 @@ def test_cli_fit_stops_mid_sequence_and_resumes_in_the_same_task(tmp_path):
     assert len(state["rows"]["cnn"]) == 1 and state["previous_model"] is not None
     assert state["optimizer_task"] == 1 and ckpt["ClassIncrementalDataModule"]["task"] == 1
 
+    # testing the checkpoint serves the task it was in (the DataModule's checkpointed state): the 4 classes seen
+    labels = set()
+
+    class TestLabels(L.Callback):
+        def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            labels.update(batch[1].tolist())
+
+    dm = ClassIncrementalDataModule(DigitsDataModule(num_workers=0, samples_per_class=20, batch_size=32),
+                                    classes_per_task=2, class_order=[5, 3, 8, 0, 1, 7], eval_samples_per_class=10,
+                                    backbone="digit_cnn")
+    model = ICaRL(backbone="digit_cnn", weights="none", epochs_per_task=2, num_classes=dm.num_classes)
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[TestLabels()], default_root_dir=str(tmp_path)).test(model, datamodule=dm, ckpt_path=last)
+    assert labels == {0, 1, 2, 3} and model.task == 1
+
     # resume up to the end of task 2: that checkpoint is written after the task's end (memory of 4 classes)
     run_cli("fit", *DIGITS, *FAST, f"--trainer.default_root_dir={run}", f"--ckpt_path={last}",
             "--trainer.max_epochs=4")
