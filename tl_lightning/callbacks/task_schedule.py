@@ -35,6 +35,7 @@ class IncrementalLearner(Protocol):
 
     epochs_per_task: int
     finished: int  # tasks whose end is done
+    task: int  # the task being trained (the last one once every task is finished)
 
     def finish_task(self, task: int) -> None: ...
 
@@ -64,8 +65,7 @@ class TaskSchedule(Callback):
 
     @staticmethod
     def _serve(trainer: "L.Trainer", pl_module: IncrementalLearner) -> None:
-        dm = trainer.datamodule
-        dm.set_task(min(pl_module.finished, dm.num_tasks - 1), pl_module.memory_positions())
+        trainer.datamodule.set_task(pl_module.task, pl_module.memory_positions())
 
     def _catch_up(self, trainer: "L.Trainer", pl_module: IncrementalLearner, target: int) -> None:
         """Finish every task before ``target`` that is not finished yet, then serve the current one."""
