@@ -40,7 +40,8 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def accuracy_run(dm, epochs: int, cache_dir: str, lr: float = 3e-3) -> dict:
-    """Train a linear head on frozen Lite0 features; test accuracy of the last epoch's weights."""
+    """Train a linear head on frozen Lite0 features (``dm`` serves them, built with the model's
+    ``served_features``); test accuracy of the last epoch's weights."""
     L.seed_everything(0, verbose=False)
     dm.setup()
     model = FeatureExtraction(backbone=DEFAULT_BACKBONE, weights="bundled", num_classes=dm.num_classes,
@@ -157,7 +158,8 @@ def main(argv=None) -> None:
 
     # ----- 1. feature-extraction accuracy on real data ----------------------------------------------------------
     if not args.skip_accuracy:
-        common = dict(cache_dir=cache, num_workers=default_num_workers(), persistent_workers=False)
+        common = dict(cache_dir=cache, num_workers=default_num_workers(), persistent_workers=False,
+                      serve_features=FeatureExtraction.served_features(weights="bundled", cache_dir=cache))
         cub = CUB200DataModule(data_dir=real["cub"], batch_size=32, **common)
         cub_res = accuracy_run(cub, epochs=40 if not args.quick else 20, cache_dir=cache)
         mnist = MNISTDataModule(data_dir=real["mnist"], image_size=64, batch_size=64,

@@ -3,9 +3,10 @@ forward throughput of the same frozen backbone on in-memory tensors (same batch 
 and memory layout), interleaved. Target: >= 0.9, i.e. decoding and resizing in the loader workers overlap the
 forward pass instead of adding to it.
 
-The extraction is the method's own path, as a fit runs it: ``FeatureExtraction.split_features("train", dm)`` on
-an empty feature cache (the DataModule's loader with its default workers, the extractor in eval mode under
-``no_grad``, the cache write included). ``bench/perf.py``'s ``extraction`` section calls :func:`bench_extraction`.
+The extraction is the path a fit runs: the DataModule's served features (``dm.feature_matrices("train")``,
+requested as the CLI requests them for ``FeatureExtraction``) on an empty feature cache (the DataModule's loader
+with its default workers, the data side's frozen backbone in eval mode under ``no_grad``, the cache write
+included). ``bench/perf.py``'s ``extraction`` section calls :func:`bench_extraction`.
 """
 from __future__ import annotations
 
@@ -33,30 +34,38 @@ def jpeg_datamodules(tmp: Path, image_size: int, batch_size: int) -> list[tuple[
     out = []
     cub = SHARED / "CUB_200_2011_subset10"
     if cub.exists():
-        out.append(("CUB-200 subset (real JPEGs)", lambda: D.CUB200DataModule(data_dir=str(cub), **common)))
+        out.append(("CUB-200 subset (real JPEGs)", lambda **kw: D.CUB200DataModule(data_dir=str(cub), **common, **kw)))
     flowers = fx.write_flowers102(tmp / "flowers", n_classes=10, per_split=30, image_size=(500, 375))
     out.append(("Flowers102-like (generated 500x375 JPEGs)",
-                lambda: D.Flowers102DataModule(data_dir=flowers, **common)))
+                lambda **kw: D.Flowers102DataModule(data_dir=flowers, **common, **kw)))
     return out
+
+
+MODEL_ARGS = dict(backbone="tf_efficientnet_lite0", weights="bundled", embedding="pooled")
 
 
 def make_model(cache_dir: str):
     from tl_lightning.methods import FeatureExtraction
 
-    return FeatureExtraction(backbone="tf_efficientnet_lite0", weights="bundled", embedding="pooled", num_classes=10,
-                             cache_dir=cache_dir)
+    return FeatureExtraction(**MODEL_ARGS, num_classes=10, cache_dir=cache_dir)
+
+
+def served(cache_dir: str) -> dict:
+    """What the CLI gives the DataModule for that model: its features, served from the data side."""
+    from tl_lightning.methods import FeatureExtraction
+
+    return FeatureExtraction.served_features(**MODEL_ARGS, cache_dir=cache_dir)
 
 
 def cold_extraction_images_per_s(make_dm: Callable) -> float:
     """Images/s of the train split's extraction into an empty cache, from the call to the cached tensors."""
     with tempfile.TemporaryDirectory() as cache_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, dm = make_model(cache_dir), make_dm()
-        model.configure_model()  # the speed switches a fit applies (channels_last: auto)
+        dm = make_dm(serve_features=served(cache_dir))  # the data side's extraction, as a fit runs it
         dm.setup("fit")
         start = time.perf_counter()
-        feats = model.split_features("train", dm)
-        return len(feats["features"]) / (time.perf_counter() - start)
+        feats = dm.feature_matrices("train")
+        return len(feats["targets"]) / (time.perf_counter() - start)
 
 
 def raw_forward_images_per_s(image_size: int, batch_size: int, batches: int) -> float:

@@ -152,8 +152,9 @@ def head_model_and_loader(cache_dir: str, epochs: int, batch_size: int):
     model, dm = cli.model, cli.datamodule
     L.seed_everything(0, verbose=False)
     dm.setup("fit")
-    feats = model.split_features("train", dm)
-    return model, DataLoader(TensorDataset(feats["features"], feats["targets"]), batch_size=batch_size, shuffle=True)
+    feats = dm.feature_matrices("train")  # what the CLI's DataModule serves the module
+    return model, DataLoader(TensorDataset(feats[model.readout], feats["targets"]), batch_size=batch_size,
+                             shuffle=True)
 
 
 def plain_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> tuple[float, float]:

@@ -205,7 +205,7 @@ def plain_steps_per_s(size: Size) -> float:
     backbone = create_backbone(size.backbone, "bundled", num_classes=0)
     head = torch.nn.Linear(backbone.num_features, dm.num_classes)
     model = torch.nn.Sequential(backbone, head).to(size.device).train()
-    from tl_lightning.methods.base import is_convnet
+    from tl_lightning.backbones import is_convnet
 
     nhwc = is_convnet(backbone)  # what FineTune's default channels_last: auto does: the same kernels on both sides
     if nhwc:
@@ -257,12 +257,12 @@ def feature_extraction_fit_s(size: Size, cache: bool) -> float:
     with tempfile.TemporaryDirectory() as cache_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         L.seed_everything(0, verbose=False)
+        args = dict(backbone=size.backbone, weights="bundled", embedding="pooled", cache_dir=cache_dir)
+        # without the cache the DataModule serves images: they go through the frozen backbone in every step
         dm = digits_data(size, augment=False, samples_per_class=size.cache_per_class, num_workers=None,
-                         image_size=size.cache_image_size)
-        model = FeatureExtraction(backbone=size.backbone, weights="bundled", embedding="penultimate",
-                                  num_classes=10, cache=cache, cache_dir=cache_dir)
-        if not cache:  # no loader hook: images go through the frozen backbone in every step of every epoch
-            model._feature_loader = lambda split, dataset, shuffle: None
+                         image_size=size.cache_image_size,
+                         serve_features=FeatureExtraction.served_features(**args) if cache else None)
+        model = FeatureExtraction(**args, num_classes=10)
         # validation every epoch, as in a normal run (on cached features too, with the cache)
         trainer = L.Trainer(max_epochs=size.cache_epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False)

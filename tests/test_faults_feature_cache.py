@@ -88,11 +88,14 @@ def test_array_source_key_covers_every_image():
     assert ArraySource(changed, np.zeros(200), "digits").identity() != ident
 
 
-def test_weights_key_is_recomputed_after_a_state_dict_is_loaded():
+def test_weights_id_a_model_checks_is_recomputed_after_a_state_dict_is_loaded():
+    from tl_lightning.backbones import weights_id
     from tl_lightning.methods.feature_extraction import FeatureExtraction
 
     model = FeatureExtraction(backbone="digit_cnn", weights="none", num_classes=10, cache=False)
-    before = model._weights_key()
+    before = model.backbone_weights_id()
+    fresh = FeatureExtraction(backbone="digit_cnn", weights="none", num_classes=10)
+    assert before == weights_id(model.extractor.model) == weights_id(fresh.extractor.model)  # a fixed random init
     state = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     model.load_state_dict(state)
-    assert model._weights_key() != before
+    assert model.backbone_weights_id() != before

@@ -1,4 +1,5 @@
-"""FeatureExtraction: a frozen backbone that never moves, the feature cache, FNE and L2 embeddings."""
+"""FeatureExtraction: a frozen backbone that never moves, served features (extracted once by the data side),
+FNE and L2 embeddings, and the checks between the model and the features it is served."""
 from __future__ import annotations
 
 import math
@@ -7,14 +8,19 @@ import lightning as L
 import numpy as np
 import torch
 
+import pytest
+
 from tl_lightning.data.base import ArraySource, TLDataModule
 from tl_lightning.data.digits import DigitsDataModule
+from tl_lightning.errors import TLError
 from tl_lightning.methods.feature_extraction import FNE_THRESHOLDS, FeatureExtraction
 
 
-def digits(**kw) -> DigitsDataModule:
+def digits(serve: dict | None = None, **kw) -> DigitsDataModule:
+    """Digits at 32 px; ``serve``: the model arguments whose features it serves, as the CLI links them."""
     kw.setdefault("image_size", 32)
-    return DigitsDataModule(batch_size=128, num_workers=0, **kw)
+    served = None if serve is None else FeatureExtraction.served_features(**serve)
+    return DigitsDataModule(batch_size=128, num_workers=0, serve_features=served, **kw)
 
 
 def trainer(epochs: int = 2) -> L.Trainer:
@@ -25,6 +31,11 @@ def trainer(epochs: int = 2) -> L.Trainer:
 def model(tmp_path, **kw) -> FeatureExtraction:
     kw.setdefault("lr", 0.01)
     return FeatureExtraction(num_classes=10, cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def served_by(tmp_path, **kw) -> dict:
+    """The arguments of ``model(tmp_path, **kw)`` that decide its served features."""
+    return dict(cache_dir=str(tmp_path / "cache"), **kw)
 
 
 class ForwardCounter:
@@ -58,31 +69,66 @@ def test_backbone_is_bit_identical_after_training_on_augmented_images(tmp_path):
 
 
 def test_backbone_runs_once_per_image_for_a_fit_and_never_on_a_second_run(tmp_path):
-    dm = digits()
+    dm = digits(served_by(tmp_path))
     fe = model(tmp_path)
-    counter = ForwardCounter(fe.extractor.model)
+    model_calls = ForwardCounter(fe.extractor.model)
+    data_calls = ForwardCounter(dm.served_features.source.model)  # the data side's own copy extracts
     tr = trainer(epochs=4)
     tr.fit(fe, datamodule=dm)
     n_train, n_val = len(dm.split_dataset("train")), len(dm.split_dataset("val"))
     expected = math.ceil(n_train / dm.batch_size) + math.ceil(n_val / dm.batch_size)
-    assert counter.calls == expected  # one pass over train and val, not four epochs' worth
+    assert data_calls.calls == expected  # one pass over train and val, not four epochs' worth
     tr.test(fe, datamodule=dm)
-    assert counter.calls == expected + math.ceil(len(dm.split_dataset("test")) / dm.batch_size)
+    assert data_calls.calls == expected + math.ceil(len(dm.split_dataset("test")) / dm.batch_size)
+    assert model_calls.calls == 0  # the model reads the served features, never images
     assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 3
 
-    # Another head and learning rate: every split comes from the cache, the backbone never runs.
-    fe2 = model(tmp_path, lr=0.05, hidden_dim=32)
-    counter2 = ForwardCounter(fe2.extractor.model)
+    # Another head and learning rate: every split comes from the cache, no backbone runs.
+    fe2, dm2 = model(tmp_path, lr=0.05, hidden_dim=32), digits(served_by(tmp_path))
+    data_calls2 = ForwardCounter(dm2.served_features.source.model)
     tr2 = trainer(epochs=2)
-    tr2.fit(fe2, datamodule=digits())
-    tr2.test(fe2, datamodule=digits())
-    assert counter2.calls == 0
+    tr2.fit(fe2, datamodule=dm2)
+    tr2.test(fe2, datamodule=dm2)
+    assert data_calls2.calls == 0
 
     # A different transform (input size) is a different key: extraction runs again.
-    fe3 = model(tmp_path)
-    counter3 = ForwardCounter(fe3.extractor.model)
-    trainer(epochs=1).fit(fe3, datamodule=digits(image_size=40))
-    assert counter3.calls > 0
+    dm3 = digits(served_by(tmp_path), image_size=40)
+    data_calls3 = ForwardCounter(dm3.served_features.source.model)
+    trainer(epochs=1).fit(model(tmp_path), datamodule=dm3)
+    assert data_calls3.calls > 0
+
+
+def test_served_features_equal_the_models_own_read_out_and_must_be_its_own(tmp_path):
+    dm = digits(served_by(tmp_path, layers="every_block"), samples_per_class=5)
+    fe = model(tmp_path, layers="every_block")
+    dm.setup("fit")
+    served = dm.feature_matrices("val")
+    assert list(served) == ["every_block", "targets"]
+    images = torch.cat([x for x, _ in dm.make_loader(dm.split_dataset("val", deterministic=True), shuffle=False)])
+    fe.configure_model()  # the layout a fit gives it (channels_last: auto), which the data side uses too
+    with torch.no_grad():
+        direct = fe.extractor(images.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(served["every_block"], direct, atol=1e-5)
+    batch, targets = next(iter(dm.val_dataloader()))
+    assert torch.equal(fe.raw_features(batch), served["every_block"][:len(targets)])
+    assert torch.equal(targets, served["targets"][:len(targets)])
+    with pytest.raises(TLError, match="serves read-outs \\['every_block'\\].*but the model reads \\['penultimate'\\]"):
+        trainer(1).fit(model(tmp_path), datamodule=dm)
+    other = digits(served_by(tmp_path, layers="every_block", weights=str(_digit_checkpoint(tmp_path))))
+    with pytest.raises(TLError, match="other weights than the model's backbone"):
+        trainer(1).fit(model(tmp_path, layers="every_block"), datamodule=other)
+    with pytest.raises(TLError, match="the svm head needs the DataModule to serve the backbone's features"):
+        trainer(1).fit(model(tmp_path, head="svm"), datamodule=digits())
+
+
+def _digit_checkpoint(tmp_path):
+    """Bundled EfficientNet-Lite0 weights with one tensor changed: other weights, the same architecture."""
+    from tl_lightning.backbones import create_backbone
+
+    state = create_backbone("tf_efficientnet_lite0", "bundled", num_classes=0).state_dict()
+    state["conv_stem.weight"] = state["conv_stem.weight"] * 1.01
+    torch.save(state, tmp_path / "other.pt")
+    return tmp_path / "other.pt"
 
 
 def test_cold_cache_warm_cache_and_no_cache_train_the_same_head(tmp_path):
@@ -93,9 +139,10 @@ def test_cold_cache_warm_cache_and_no_cache_train_the_same_head(tmp_path):
         L.seed_everything(3)
         fe = model(tmp_path / folder, cache=cache)
         tr = trainer(epochs=2)
-        tr.fit(fe, datamodule=digits())
+        tr.fit(fe, datamodule=digits(served_by(tmp_path / folder, cache=cache)))
         heads.append(fe.head.weight.detach().clone())
-        metrics.append(tr.test(fe, datamodule=digits(), verbose=False)[0]["test/acc"])
+        metrics.append(tr.test(fe, datamodule=digits(served_by(tmp_path / folder, cache=cache)),
+                               verbose=False)[0]["test/acc"])
     assert len(list((tmp_path / "shared" / "cache" / "features").glob("*.pt"))) == 3
     assert not (tmp_path / "off" / "cache").exists()
     assert torch.equal(heads[0], heads[1]) and torch.equal(heads[0], heads[2])
@@ -103,13 +150,13 @@ def test_cold_cache_warm_cache_and_no_cache_train_the_same_head(tmp_path):
 
 
 def test_full_network_embedding_standardises_and_discretises(tmp_path):
-    dm = digits()
+    dm = digits(served_by(tmp_path, embedding="fne"))
     fe = model(tmp_path, embedding="fne")
     # the paper's choice: every conv layer (49 in EfficientNet-Lite0), read after its BatchNorm + activation
     assert len(fe.extractor.layers) == 49 and fe.feature_dim == 21008
     assert fe.extractor.layers[0] == "bn1" and fe.extractor.layers[-1] == "bn2"
     trainer(epochs=1).fit(fe, datamodule=dm)
-    train = fe.cached_features("train", dm.split_dataset("train", deterministic=True))["features"]
+    train = dm.feature_matrices("train")["every_conv"]
     assert torch.allclose(fe.fne_mean, train.mean(0), atol=1e-5)
     assert torch.allclose(fe.fne_std, train.std(0).clamp(min=1e-6), rtol=1e-4)
     emb = fe.embed(train)
@@ -145,7 +192,8 @@ class _TinyMultiLabel(TLDataModule):
 
 
 def test_multilabel_targets_train_and_report_map(tmp_path):
-    dm = _TinyMultiLabel(batch_size=32, num_workers=0, image_size=32, val_fraction=0.2)
+    dm = _TinyMultiLabel(batch_size=32, num_workers=0, image_size=32, val_fraction=0.2,
+                         serve_features=FeatureExtraction.served_features(cache_dir=str(tmp_path)))
     fe = FeatureExtraction(num_classes=3, multilabel=True, lr=0.05, cache_dir=str(tmp_path))
     assert fe.monitor == ("val/mAP", "max")
     tr = trainer(epochs=8)

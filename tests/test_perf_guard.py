@@ -13,9 +13,9 @@ from tl_lightning.methods import FeatureExtraction, FineTune
 STEPS = 3
 
 
-def digits(augment: bool) -> DigitsDataModule:
+def digits(augment: bool, **kw) -> DigitsDataModule:
     return DigitsDataModule(batch_size=16, image_size=32, samples_per_class=6, num_workers=0, augment=augment,
-                            val_fraction=0.1, test_fraction=0.1, seed=0)
+                            val_fraction=0.1, test_fraction=0.1, seed=0, **kw)
 
 
 def probe_fit(model: L.LightningModule, dm: DigitsDataModule) -> list[dict]:
@@ -64,7 +64,9 @@ def test_finetune_step_one_forward_and_no_sync():
 @pytest.mark.parametrize("augment, forwards", [(False, 0), (True, 1)])
 def test_feature_extraction_step_forwards_and_no_sync(tmp_path, augment, forwards):
     """Fixed inputs: cached features are served (no backbone in the step); augmented ones: one forward a batch."""
-    steps = probe_fit(feature_extraction(tmp_path, cache=True), digits(augment=augment))
+    served = FeatureExtraction.served_features(weights="none", cache_dir=str(tmp_path / "features"))
+    steps = probe_fit(feature_extraction(tmp_path, cache=True),
+                      digits(augment=augment, backbone="digit_cnn", serve_features=served))
     assert [s["forwards"] for s in steps] == [forwards] * STEPS
     assert [dict(s["syncs"]) for s in steps] == [{}] * STEPS
     assert logs_after_the_first_step(steps) == [0] * (STEPS - 1)
@@ -168,7 +170,7 @@ def test_channels_last_auto_is_on_for_convnets_and_off_for_transformers(tmp_path
     import timm
 
     from tl_lightning.feature_cache import extract_features
-    from tl_lightning.methods.base import is_convnet
+    from tl_lightning.backbones import is_convnet
 
     assert is_convnet(timm.create_model("tf_efficientnet_lite0", pretrained=False))
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0)

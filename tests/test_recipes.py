@@ -1,8 +1,8 @@
 """Read-outs as published (every block, every conv layer), named recipes, ``recipe: auto`` and TTA in predict.
 
 Real components: timm backbones, the real feature cache (synthetic features are planted under the very keys
-the module reads, through the cache's public ``save``), the CLI's ``fit`` and ``predict`` in process, and the
-checkpoint a fit writes.
+the DataModule's served features read, through the cache's public ``save``), the CLI's ``fit`` and ``predict``
+in process, and the checkpoint a fit writes.
 """
 from __future__ import annotations
 
@@ -67,29 +67,40 @@ def build(*args):
     return cli.model, cli.datamodule
 
 
-def plant(model, dm, informative: str) -> None:
+def extracted(dm, split: str, dataset, layers) -> dict:
+    """The data side's extraction of ``dataset`` with read-out ``layers`` (real, tiny; cached)."""
+    return dm.served_features.source.extract(split, dataset, dm.make_loader, None, layers)
+
+
+def plant_entry(dm, dataset, layers, value: dict) -> None:
+    """Store ``value`` under the cache key the DataModule reads for ``dataset`` with read-out ``layers``."""
+    source = dm.served_features.source
+    reader = FeatureExtractor(source.model, layers)
+    source.cache.save(source.key(dataset, reader), value)
+    reader.remove_hooks()
+
+
+def plant(dm, informative: str) -> None:
     """Replace the cached features of both read-outs: only ``informative`` carries the class, the other is noise."""
     gen = torch.Generator().manual_seed(0)
     for readout in ("penultimate", "fne"):
-        extractor = model.readout_extractor(RECIPES[f"{readout}+logistic"].layers)
+        layers = RECIPES[f"{readout}+logistic"].layers
         for split in ("train", "val", "test"):
             dataset = dm.split_dataset(split, deterministic=True)
-            targets = model.cached_features(split, dataset, dm, extractor)["targets"]  # real extraction, tiny
-            dim = model.cached_features(split, dataset, dm, extractor)["features"].shape[1]
+            real = extracted(dm, split, dataset, layers)
+            targets, dim = real["targets"], real["features"].shape[1]
             noise = torch.randn(len(targets), dim, generator=gen)
             if readout == informative:
                 centres = torch.randn(10, dim, generator=torch.Generator().manual_seed(1)) * 2
                 noise = noise + centres[targets]
-            model.feature_cache.save(model.feature_key(dataset, extractor), {"features": noise, "targets": targets})
-        if extractor is not model.extractor:
-            extractor.remove_hooks()
+            plant_entry(dm, dataset, layers, {"features": noise, "targets": targets})
 
 
 @pytest.mark.parametrize("informative", ["fne", "penultimate"])
 def test_auto_picks_the_only_read_out_that_separates_the_classes(tmp_path, capsys, informative):
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
-    model, dm = build(f"--model.cache_dir={cache}", "--model.recipe=auto")
-    plant(model, dm, informative)
+    _, dm = build(f"--model.cache_dir={cache}", "--model.recipe=auto")
+    plant(dm, informative)
     run_cli("fit", "--config", SVM_CONFIG, *FAST, *SMALL, f"--model.cache_dir={cache}", "--model.recipe=auto",
             f"--trainer.default_root_dir={run_dir}")
     metrics = read_metrics(run_dir)
@@ -119,21 +130,17 @@ def test_auto_scores_every_candidate_on_the_averaged_tta_views(tmp_path):
     model, dm = build(f"--model.cache_dir={cache}", "--model.recipe=auto", "--model.tta_views=2")
     gen = torch.Generator().manual_seed(0)
     for readout in ("penultimate", "fne"):
-        extractor = model.readout_extractor(RECIPES[f"{readout}+logistic"].layers)
+        layers = RECIPES[f"{readout}+logistic"].layers
         for split in ("train", "val", "test"):
             base = dm.split_dataset(split, deterministic=True)
             views = view_transforms(base.transform, 2, flips=getattr(dm, "hflip", 0) > 0, crop=model.tta_crop)
-            first = model.cached_features(split, base.with_transform(views[0]), dm, extractor)
+            first = extracted(dm, split, base.with_transform(views[0]), layers)
             targets, dim = first["targets"], first["features"].shape[1]
             noise = torch.randn(len(targets), dim, generator=gen) * 5
             centres = torch.randn(10, dim, generator=torch.Generator().manual_seed(1))
             mean = centres[targets] if readout == "fne" else torch.zeros(len(targets), dim)
             for view, features in zip(views, (mean + noise, mean - noise)):  # the views average to ``mean``
-                dataset = base.with_transform(view)
-                model.feature_cache.save(model.feature_key(dataset, extractor), {"features": features,
-                                                                                 "targets": targets})
-        if extractor is not model.extractor:
-            extractor.remove_hooks()
+                plant_entry(dm, base.with_transform(view), layers, {"features": features, "targets": targets})
     run_cli("fit", "--config", SVM_CONFIG, *FAST, *SMALL, f"--model.cache_dir={cache}", "--model.recipe=auto",
             "--model.tta_views=2", f"--trainer.default_root_dir={run_dir}")
     metrics = read_metrics(run_dir)
@@ -169,10 +176,10 @@ def test_predict_averages_the_same_tta_views_as_test(tmp_path):
     model, dm = build(f"--model.tta_views={views}", f"--model.cache_dir={cache}")
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
     with torch.no_grad():
-        x, _ = model.embedded_split("test", dm)  # the view-averaged features test is scored on
+        x, _ = model.embedded(dm.feature_matrices("test"))  # the view-averaged features test is scored on
         probs = model.head(x).softmax(-1)
-        single = model.head(model.embed(model.cached_features(
-            "test", dm.split_dataset("test", deterministic=True), dm)["features"])).softmax(-1)
+        single = model.head(model.embed(extracted(dm, "test", dm.split_dataset("test", deterministic=True),
+                                                  "penultimate")["features"])).softmax(-1)
     score, pred = probs.max(-1)
     assert len(rows) == len(x)
     assert [r["class"] for r in rows] == [model.class_names[p] for p in pred.tolist()]
@@ -227,9 +234,9 @@ def test_auto_leaves_the_backbone_bit_identical_and_test_features_equal_a_fresh_
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     for k, v in before.items():
         assert torch.equal(state[f"extractor.model.{k}"], v), k
-    model, _ = build(f"--model.cache_dir={cache}", "--model.recipe=auto")
+    _, served = build(f"--model.cache_dir={cache}", "--model.recipe=auto")
     test = dm.split_dataset("test", deterministic=True)
-    cached = model.cached_features("test", test, dm)["features"]  # written by the fit
+    cached = served.feature_matrices("test")["penultimate"]  # written by the fit
     fresh.eval()
     with torch.no_grad():
         direct = torch.cat([fresh.extractor(x) for x, _ in dm.make_loader(test, shuffle=False)])

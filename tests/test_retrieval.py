@@ -72,8 +72,11 @@ def test_retrieve_subcommand_writes_metrics_and_a_grid(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cli = make_cli(["--config", str(CONFIG), *FAST, *SMALL], run=False)
-    xg, yg = cli.model.embedded_split("train", cli.datamodule)
-    xq, yq = cli.model.embedded_split("test", cli.datamodule)
+    cli.datamodule.setup("fit")
+    if cli.model.embedding == "fne":
+        cli.model.fit_fne_statistics(cli.datamodule.feature_matrices("train"))
+    xg, yg = cli.model.embedded(cli.datamodule.feature_matrices("train"))
+    xq, yq = cli.model.embedded(cli.datamodule.feature_matrices("test"))
     idx = NearestNeighbors(n_neighbors=1, metric="cosine").fit(xg.numpy()).kneighbors(xq.numpy())[1][:, 0]
     assert m["recall@1"] == pytest.approx(float(np.mean(yg.numpy()[idx] == yq.numpy())), abs=1e-9)
 

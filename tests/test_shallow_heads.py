@@ -67,8 +67,8 @@ def test_svm_head_matches_linear_svc_on_the_same_cached_features(svm_run):
     ours = metrics["metrics"]["test/acc"]
 
     model, dm = build(SVM_CONFIG)
-    x_train, y_train = model.embedded_split("train", dm)
-    x_test, y_test = model.embedded_split("test", dm)
+    x_train, y_train = model.embedded(dm.feature_matrices("train"))
+    x_test, y_test = model.embedded(dm.feature_matrices("test"))
     assert torch.allclose(x_train.norm(dim=1), torch.ones(len(x_train)), atol=1e-5)  # l2_normalize in the config
     ref = LinearSVC(C=1.0, loss="squared_hinge", max_iter=20000, tol=1e-6).fit(x_train.numpy(), y_train.numpy())
     theirs = accuracy(ref.decision_function(x_test.numpy()), y_test.numpy())
@@ -87,9 +87,9 @@ def test_logistic_head_picks_the_best_validation_strength_and_matches_sklearn(lo
     assert max(scores) - min(scores) > 0.05, "the grid must matter (reg=0.1 underfits), or the test proves nothing"
 
     model, dm = build(LOGISTIC_CONFIG, f"--model.reg_grid={REG_GRID}")
-    x_train, y_train = (t.numpy() for t in model.embedded_split("train", dm))
-    x_val, y_val = (t.numpy() for t in model.embedded_split("val", dm))
-    x_test, y_test = (t.numpy() for t in model.embedded_split("test", dm))
+    x_train, y_train = (t.numpy() for t in model.embedded(dm.feature_matrices("train")))
+    x_val, y_val = (t.numpy() for t in model.embedded(dm.feature_matrices("val")))
+    x_test, y_test = (t.numpy() for t in model.embedded(dm.feature_matrices("test")))
 
     # scikit-learn's C for "mean CE + reg/2 ||W||^2" on N samples is 1 / (reg * N)
     def sklearn_fit(x, y, reg):
@@ -195,23 +195,29 @@ def test_tta_extracts_and_caches_the_configured_number_of_views(tmp_path):
     views = 3
     # a split seed no other test uses: the in-process cache memo must not already hold these features
     model, dm = build(SVM_CONFIG, f"--model.tta_views={views}", f"--model.cache_dir={tmp_path}", "--data.seed=9")
+    source = dm.served_features.source  # the data side's own copy of the backbone extracts
     seen = []
-    model.extractor.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
-    feats = model.split_features("val", dm)
+    stem = source.model.get_submodule(source.model.pretrained_cfg["first_conv"])
+    stem.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    feats = dm.feature_matrices("val")
     n = len(dm.split_dataset("val"))
     assert sum(seen) == views * n, "every view of every image goes through the backbone once"
     assert len(list((tmp_path / "features").glob("*.pt"))) == views, "one cache file per view"
 
     base = dm.split_dataset("val", deterministic=True)
-    per_view = [model.cached_features("val", base.with_transform(t), dm)["features"]
+    per_view = [source.extract("val", base.with_transform(t), dm.make_loader, None, model.readout)["features"]
                 for t in view_transforms(base.transform, views, flips=False)]
     assert sum(seen) == views * n, "the views come from the cache the second time"
-    assert torch.allclose(feats["features"], torch.stack(per_view).mean(0))
+    assert torch.allclose(feats[model.readout], torch.stack(per_view).mean(0))
     assert not torch.allclose(per_view[0], per_view[1]), "views are different crops"
     assert not torch.allclose(per_view[1], per_view[2])
 
     seen.clear()
-    model.split_features("val", dm)
+    _, again = build(SVM_CONFIG, f"--model.tta_views={views}", f"--model.cache_dir={tmp_path}", "--data.seed=9")
+    again_source = again.served_features.source
+    again_stem = again_source.model.get_submodule(again_source.model.pretrained_cfg["first_conv"])
+    again_stem.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    again.feature_matrices("val")  # a new run: every view from the cache
     assert seen == []
 
 

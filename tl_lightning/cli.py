@@ -44,6 +44,17 @@ EXTRA_COMMANDS = {
 CONFIG_FILE = "config.yaml"
 
 
+
+def served_features_request(model) -> Optional[dict]:
+    """The DataModule's ``serve_features``, from the model's arguments: what a model that reads a frozen
+    backbone's features declares (``served_features``); None (images) for every other method."""
+    if model is None or not model.get("class_path"):
+        return None
+    module, _, name = model.class_path.rpartition(".")
+    declare = getattr(getattr(importlib.import_module(module), name), "served_features", None)
+    init_args = model.get("init_args")
+    return declare(**(vars(init_args) if init_args is not None else {})) if declare else None
+
 class SaveRunConfig(SaveConfigCallback):
     """Saves the resolved config as ``<run dir>/config.yaml``, overwriting the previous run's copy."""
 
@@ -112,6 +123,7 @@ class TLCLI(LightningCLI):
                             help="Which checkpoint test_after_fit evaluates: best (by the method's validation "
                                  "metric) or last (the final weights, e.g. at the end of an annealed schedule).")
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
+        parser.link_arguments("model", "data.init_args.serve_features", compute_fn=served_features_request)
         for fact in ("num_classes", "multilabel", "class_names"):
             parser.link_arguments(f"data.{fact}", f"model.init_args.{fact}", apply_on="instantiate")
 

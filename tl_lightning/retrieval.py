@@ -134,12 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def retrieve(model, dm, k: int = 5, gallery: str = "train", query: str = "test", metric: str = "cosine",
              num_queries: int = 8, seed: int = 0, out: str = "retrieval") -> dict:
-    """Embed ``gallery`` and ``query`` splits with ``model``'s cached features, rank, score, plot."""
+    """Embed ``gallery`` and ``query`` splits (the DataModule's served features), rank, score, plot."""
     dm.setup("fit")
+    model.served(dm, required="retrieve")
     if model.embedding == "fne":
-        model._fit_fne_statistics(dm)
-    xq, yq = model.embedded_split(query, dm)
-    xg, yg = (xq, yq) if gallery == query else model.embedded_split(gallery, dm)
+        model.fit_fne_statistics(dm.feature_matrices("train"))
+    xq, yq = model.embedded(dm.feature_matrices(query))
+    xg, yg = (xq, yq) if gallery == query else model.embedded(dm.feature_matrices(gallery))
     exclude_self = gallery == query
     sim = similarity(xq, xg, metric)
     neighbours = nearest(sim, k, exclude_self)

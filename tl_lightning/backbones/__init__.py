@@ -17,7 +17,7 @@ from timm.data import resolve_data_config
 
 from tl_lightning.backbones import digit_cnn as _digit_cnn  # noqa: F401  (registers digit_cnn and digit_cnn_dann with timm)
 from tl_lightning.backbones.bundled import BUNDLED_MODEL, load_bundled_weights
-from tl_lightning.backbones.features import FeatureExtractor, layer_groups
+from tl_lightning.backbones.features import FeatureExtractor, is_convnet, layer_groups, readout_key
 from tl_lightning.errors import TLError
 
 WEIGHT_SOURCES = ("bundled", "hub", "none")
@@ -25,7 +25,7 @@ DEFAULT_BACKBONE = BUNDLED_MODEL
 
 __all__ = [
     "DEFAULT_BACKBONE", "FeatureExtractor", "check_backbone_name", "create_backbone", "data_config",
-    "layer_groups", "weights_id",
+    "frozen_backbone", "is_convnet", "layer_groups", "readout_key", "weights_id",
 ]
 
 
@@ -100,6 +100,22 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str = "bundled", num_
     if num_classes is not None:
         model.reset_classifier(num_classes)
     return model
+
+
+#: the seed of a frozen random backbone (``weights: none`` in a method that never trains its backbone)
+FROZEN_RANDOM_SEED = 0
+
+
+def frozen_backbone(name: str, weights: str) -> nn.Module:
+    """A backbone that never trains (eval mode, no gradients; features out), drawing the random generators as
+    ``create_backbone`` does. With ``weights: none`` its random weights come from a fixed seed
+    (``FROZEN_RANDOM_SEED``), so a model and the data side that serves its features hold the same backbone."""
+    model = create_backbone(name, weights, num_classes=0)
+    if weights == "none":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(FROZEN_RANDOM_SEED)
+            model.load_state_dict(create_backbone(name, "none", num_classes=0).state_dict())
+    return model.eval().requires_grad_(False)
 
 
 def data_config(name: str = DEFAULT_BACKBONE, image_size: int | None = None) -> dict:

@@ -60,6 +60,22 @@ def conv_names(model: nn.Module) -> list[str]:
     return names
 
 
+def is_convnet(module: nn.Module) -> bool:
+    """A convolutional network (a spatial convolution) without attention blocks: what ``channels_last: auto``
+    turns NHWC on for."""
+    spatial_conv = any(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in module.modules())
+    attention = any(isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__
+                    for m in module.modules())
+    return spatial_conv and not attention
+
+
+def readout_key(layers: list[str] | str | None) -> str:
+    """The name a read-out is served under: its ``READOUTS`` name, or its module names joined by commas."""
+    if layers is None:
+        return PENULTIMATE
+    return layers if isinstance(layers, str) else ",".join(layers)
+
+
 def resolve_layers(model: nn.Module, layers: list[str] | str | None) -> list[str]:
     """A read-out name (``READOUTS``) or module names -> the module names to tap (``penultimate`` included)."""
     if layers is None or layers == PENULTIMATE:

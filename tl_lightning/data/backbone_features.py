@@ -1,32 +1,37 @@
 """A frozen backbone's features served in place of images: extracted once per split and cached.
 
-A model whose backbone does not train (e.g. ``ICaRL(freeze_backbone=True)``) sees the same features every
-epoch, so the data side extracts them once (``FeatureCache``: keyed by backbone, weights and the exact samples
-and transform) and serves them as samples: a split becomes a :class:`FeatureRows` source, one feature vector per
-sample in the split's order, with the split's targets. The model checks that the features were read with its
-own weights (``feature_weights_id``) before it trains or evaluates.
+A model whose backbone does not train (``FeatureExtraction``, ``ICaRL(freeze_backbone=True)``) sees the same
+features every epoch, so the data side extracts them once (``FeatureCache``: keyed by backbone, weights,
+read-out and the exact samples and transform) with its own copy of the backbone, and serves them as samples: a
+split becomes a :class:`FeatureRows` source, one feature vector per sample in the split's order (or one per
+read-out, ``{read-out: vector}``), with the split's targets. The model checks that the features were read with
+its own weights (``weights_id``) before it trains or evaluates.
 """
 from __future__ import annotations
+
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from tl_lightning.backbones import create_backbone, weights_id
+from tl_lightning.backbones import FeatureExtractor, frozen_backbone, is_convnet, weights_id
 from tl_lightning.data.samples import SampleSet, Source
-from tl_lightning.errors import TLError
 from tl_lightning.feature_cache import FeatureCache, cache_key, extract_features
 from tl_lightning.rng import generators_kept
 
 
 class FeatureRows(Source):
-    """Precomputed feature vectors as samples: ``load(i)`` is row ``i`` (a float tensor)."""
+    """Precomputed feature vectors as samples: ``load(i)`` is row ``i`` (a float tensor), or with one matrix per
+    read-out, ``{read-out: row i}``."""
 
-    def __init__(self, features: torch.Tensor, targets, name: str):
+    def __init__(self, features: Union[torch.Tensor, dict[str, torch.Tensor]], targets, name: str):
         self.features = features
         self.targets = np.asarray(targets)
         self.name = name
 
-    def load(self, index: int) -> torch.Tensor:
+    def load(self, index: int):
+        if isinstance(self.features, dict):
+            return {key: matrix[index] for key, matrix in self.features.items()}
         return self.features[index]
 
     def identity(self) -> str:
@@ -34,36 +39,58 @@ class FeatureRows(Source):
 
 
 class BackboneFeatures:
-    """Serves the pooled features of ``backbone`` with ``weights`` for the deterministic view of each split."""
+    """Extracts the features of ``backbone`` with ``weights`` (its own frozen copy) for deterministic sample sets.
 
-    def __init__(self, backbone: str, weights: str, cache_dir: str):
-        if weights == "none":
-            raise TLError("feature_weights: none would extract features with a random backbone the model does not "
-                          "share; give pretrained weights (bundled, hub or a checkpoint path) or serve images.")
+    ``channels_last`` (``auto``: on for a convnet) is the layout the model's own backbone runs in, so the served
+    features are those the model would compute; ``cache=False`` keeps them in memory only.
+    """
+
+    def __init__(self, backbone: str, weights: str, cache_dir: str, cache: bool = True,
+                 channels_last: Union[bool, str] = False):
         self.backbone_name = backbone
         with generators_kept():  # building the model draws its initial weights: the run's random stream stays
-            self.model = create_backbone(backbone, weights, num_classes=0).eval().requires_grad_(False)
+            self.model = frozen_backbone(backbone, weights)
         #: the identity of the weights the features were read with (checked by the model)
         self.weights_id = weights_id(self.model)
-        self.cache = FeatureCache(cache_dir)
+        self.channels_last = is_convnet(self.model) if channels_last == "auto" else bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.cache = FeatureCache(cache_dir, enabled=cache)
 
-    def split(self, name: str, dataset: SampleSet, make_loader, trainer=None) -> SampleSet:
-        """``dataset`` (a deterministic view) as its features, rows in its order; ``trainer`` gives the device
+    def key(self, dataset: SampleSet, reader: Optional[FeatureExtractor] = None) -> str:
+        """The feature cache's key of ``dataset`` read by ``reader`` (None: the pooled output)."""
+        if reader is None:
+            return cache_key(method="backbone_features", backbone=self.backbone_name, weights=self.weights_id,
+                             dataset=dataset.fingerprint())
+        return cache_key(backbone=self.backbone_name, weights=self.weights_id, layers=reader.layers,
+                         dataset=dataset.fingerprint())
+
+    def extract(self, name: str, dataset: SampleSet, make_loader, trainer=None, layers=None) -> dict:
+        """``{'features': [N, D], 'targets'}`` of ``dataset`` in its order, from the cache or extracted once.
+        ``layers``: a read-out (``FeatureExtractor``); None reads the pooled output. ``trainer`` gives the device
         and, under DDP, lets rank 0 extract while the other ranks wait for the cache."""
-        key = cache_key(method="backbone_features", backbone=self.backbone_name, weights=self.weights_id,
-                        dataset=dataset.fingerprint())
+        reader = FeatureExtractor(self.model, layers) if layers is not None else None
+        key = self.key(dataset, reader)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
         def compute() -> dict:
             self.model.to(device)
-            out = extract_features(self.model, make_loader(dataset, shuffle=False), device,
-                                   desc=f"extracting {name} features")
+            out = extract_features(reader if reader is not None else self.model, make_loader(dataset, shuffle=False),
+                                   device, desc=f"extracting {name} features", channels_last=self.channels_last)
             self.model.cpu()
             return out
 
-        if trainer is not None and trainer.world_size > 1:
-            if trainer.is_global_zero:
-                self.cache.get_or_compute(key, compute)
-            trainer.strategy.barrier("backbone_features")
-        features = self.cache.get_or_compute(key, compute)["features"]
-        return SampleSet(FeatureRows(features, dataset.targets, f"{name}:{key}"))
+        try:
+            if trainer is not None and trainer.world_size > 1:
+                if trainer.is_global_zero:
+                    self.cache.get_or_compute(key, compute)
+                trainer.strategy.barrier("backbone_features")
+            return self.cache.get_or_compute(key, compute)
+        finally:
+            if reader is not None:
+                reader.remove_hooks()
+
+    def split(self, name: str, dataset: SampleSet, make_loader, trainer=None) -> SampleSet:
+        """``dataset`` (a deterministic view) as its pooled features, rows in its order."""
+        features = self.extract(name, dataset, make_loader, trainer)["features"]
+        return SampleSet(FeatureRows(features, dataset.targets, f"{name}:{self.key(dataset)}"))

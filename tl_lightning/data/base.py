@@ -14,7 +14,7 @@ label to ignore in the loss and the metric (e.g. VOC's "difficult" objects).
 from __future__ import annotations
 
 import os
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import lightning as L
 import numpy as np
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tl_lightning.backbones import DEFAULT_BACKBONE, data_config
 from tl_lightning.data.samples import (ArraySource, FileSource, SampleSet, Source, check_batch_size,  # noqa: F401
                                        open_image, per_class_subset, stratified_split)
+from tl_lightning.data.served_features import ServedFeatures
 from tl_lightning.errors import TLError
 
 SPLITS = ("train", "val", "test")
@@ -74,6 +75,7 @@ class TLDataModule(L.LightningDataModule):
         report: bool = False,
         bad_images: Literal["drop", "fail", "ignore"] = "drop",
         predict_dir: Optional[str] = None,
+        serve_features: Optional[dict] = None,
     ):
         """
         Args:
@@ -98,6 +100,8 @@ class TLDataModule(L.LightningDataModule):
             bad_images: with ``report``, image files that do not decode are ``drop``-ped (with a warning),
                 ``fail`` the run, or are not checked (``ignore``).
             predict_dir: ``predict`` classifies the images in this folder instead of the test split.
+            serve_features: serve a frozen backbone's features instead of images (``served_features.py``); the
+                CLI fills it in from a model that reads them (``FeatureExtraction``), so configs leave it out.
         """
         super().__init__()
         if val_fraction < 0 or val_fraction >= 1 or test_fraction < 0 or test_fraction >= 1:
@@ -134,8 +138,9 @@ class TLDataModule(L.LightningDataModule):
         self.data_report = None
         self._unreadable: dict[str, str] = {}
         self.splits: dict[str, SampleSet] = {}
-        #: set by a method that serves precomputed features: (split, SampleSet, shuffle) -> DataLoader | None
-        self.loader_hook: Optional[Callable[[str, SampleSet, bool], Optional[DataLoader]]] = None
+        #: the frozen backbone's features served instead of images (None: images are served)
+        self.served_features = None if serve_features is None else ServedFeatures(
+            serve_features, backbone, self.cache_dir, flips=self.hflip > 0)
 
     # ----- what a data set file implements -------------------------------------------------------------
     @property
@@ -263,13 +268,21 @@ class TLDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
         )
 
+    def feature_matrices(self, split: str) -> dict:
+        """The served features of ``split``'s deterministic view: ``{read-out: [N, D], 'targets': [N, ...]}``,
+        averaged over the requested views (``serve_features``); what a full-batch head is fitted on."""
+        if self.served_features is None:
+            raise TLError(f"{self.__class__.__name__} serves images, not features: serve_features is not set (the "
+                          "CLI sets it for FeatureExtraction; in Python pass FeatureExtraction.served_features(...)).")
+        return self.served_features.matrices(split, self.split_dataset(split, deterministic=True),
+                                             self.make_loader, self.trainer)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        ds = self.split_dataset(split)
-        if self.loader_hook is not None:
-            loader = self.loader_hook(split, ds, shuffle)
-            if loader is not None:
-                return loader
-        return self.make_loader(ds, shuffle)
+        served = self.served_features is not None and split != "predict" and (
+            split != "train" or self.deterministic_train)  # augmented training and predict keep their images
+        if served:
+            return self.served_features.loader(self.feature_matrices(split), self.batch_size, shuffle)
+        return self.make_loader(self.split_dataset(split), shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

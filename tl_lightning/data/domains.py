@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorD
 from tl_lightning.backbones import DEFAULT_BACKBONE
 from tl_lightning.data.base import SampleSet, TLDataModule, check_batch_size, default_num_workers, per_class_subset
 from tl_lightning.data.in_memory import ByteImages, ImagesOnly, decoded, held_in_memory  # noqa: F401
+from tl_lightning.data.served_features import images_only
 from tl_lightning.errors import TLError
 from tl_lightning.instantiate import instantiate
 
@@ -69,6 +70,7 @@ class DomainPairDataModule(L.LightningDataModule):
         backbone: str = DEFAULT_BACKBONE,
         image_size: Optional[int] = None,
         in_memory: bool = False,
+        serve_features: Optional[dict] = None,
     ):
         """
         Args:
@@ -84,8 +86,10 @@ class DomainPairDataModule(L.LightningDataModule):
             backbone: timm model whose input size and normalisation both domains use (linked from the model).
             image_size: override the backbone's input size in both domains.
             in_memory: hold every deterministic split as decoded tensors (small images only).
+            serve_features: linked by the CLI for every DataModule; must stay null for a domain pair.
         """
         super().__init__()
+        images_only(serve_features, self.__class__.__name__)
         check_batch_size(batch_size)
         if labelled_batch_size is not None:
             check_batch_size(labelled_batch_size, "--data.labelled_batch_size")

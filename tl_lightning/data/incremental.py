@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from tl_lightning.data.base import SampleSet, Source, TLDataModule, per_class_subset
+from tl_lightning.data.served_features import images_only
 from tl_lightning.errors import TLError
 
 
@@ -82,6 +83,7 @@ class ClassIncrementalDataModule(TLDataModule):
         num_workers: Optional[int] = None,
         backbone: Optional[str] = None,
         feature_weights: Optional[str] = None,
+        serve_features: Optional[dict] = None,
     ):
         """
         Args:
@@ -99,7 +101,9 @@ class ClassIncrementalDataModule(TLDataModule):
             feature_weights: serve the pooled features of ``backbone`` with these weights (``bundled``, ``hub`` or a
                 checkpoint path; the model's own, with ``freeze_backbone: true``) instead of images, extracted
                 once and cached; needs ``augment: false`` on the wrapped data set.
+            serve_features: linked by the CLI for every DataModule; must stay null here (``feature_weights``).
         """
+        images_only(serve_features, self.__class__.__name__)
         if dataset.multilabel:
             raise TLError(f"{dataset.__class__.__name__} is multi-label; class-incremental learning needs "
                           "single-label classification data.")
@@ -199,6 +203,10 @@ class ClassIncrementalDataModule(TLDataModule):
         if self.feature_weights is not None:
             from tl_lightning.data.backbone_features import BackboneFeatures
 
+            if self.feature_weights == "none":
+                raise TLError("feature_weights: none would extract features with a random backbone the model does "
+                              "not share; give pretrained weights (bundled, hub or a checkpoint path) or serve "
+                              "images.")
             features = BackboneFeatures(self.backbone, self.feature_weights, self.cache_dir)
             self.feature_weights_id = features.weights_id
         for split, ds in self.dataset.splits.items():

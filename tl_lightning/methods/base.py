@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from tl_lightning.backbones import is_convnet
 from tl_lightning.errors import TLError
 from tl_lightning.methods.epoch_logging import EpochLogging
 from tl_lightning.metrics import MultilabelVOCAveragePrecision
@@ -46,15 +47,6 @@ def make_head(in_features: int, num_classes: int, hidden_dim: int = 0, dropout: 
                              nn.Linear(hidden_dim, num_classes))
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes)) if dropout else \
         nn.Linear(in_features, num_classes)
-
-
-def is_convnet(module: nn.Module) -> bool:
-    """A convolutional network (a spatial convolution) without attention blocks: what ``channels_last: auto``
-    turns NHWC on for."""
-    spatial_conv = any(isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in module.modules())
-    attention = any(isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__
-                    for m in module.modules())
-    return spatial_conv and not attention
 
 
 class TransferModule(EpochLogging, L.LightningModule):
@@ -116,7 +108,7 @@ class TransferModule(EpochLogging, L.LightningModule):
 
     # ----- weights -------------------------------------------------------------------------------------------
     #: attributes memoising an identity of the weights (cache keys): cleared whenever a state dict is loaded
-    WEIGHT_MEMOS = ("_weights_key_value",)
+    WEIGHT_MEMOS = ("_weights_id",)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -4,7 +4,7 @@ Off-the-shelf features read the penultimate layer (Razavian et al., "CNN Feature
 The full-network embedding (Garcia-Gasulla et al., 2018) reads the spatial mean of every convolutional layer
 (``layers: every_conv``, the paper's choice and FNE's default), standardises each feature with training-set
 statistics and discretises it to {-1, 0, 1} at thresholds -0.25 and 0.15. With deterministic inputs the
-backbone runs once per image, across epochs and runs (``FeatureCache``).
+DataModule serves the features, extracted once per image across epochs and runs (``feature_inputs``).
 
 Heads (``head``): ``linear`` trains by SGD over epochs; ``svm`` (CNN-SVM, Razavian et al. 2014) and ``logistic``
 (L-BFGS, L2 strength picked on val, Kornblith et al. 2019) are fitted in full batch on the cached features at fit
@@ -18,12 +18,10 @@ from typing import Literal, Optional, Union
 
 import torch
 
-from tl_lightning.backbones import DEFAULT_BACKBONE, FeatureExtractor, create_backbone
-from tl_lightning.data.base import default_cache_dir
-from tl_lightning.feature_cache import FeatureCache
+from tl_lightning.backbones import DEFAULT_BACKBONE, FeatureExtractor, frozen_backbone, readout_key
 from tl_lightning.errors import TLError
 from tl_lightning.methods.base import TransferModule, make_head
-from tl_lightning.methods.cached_features import CachedFeatures
+from tl_lightning.methods.feature_inputs import FeatureInputs
 from tl_lightning.methods.recipes import (AUTO, CANDIDATES, FNE_LAYERS, FNE_THRESHOLDS, RECIPES, Recipe, embed,
                                           parse_recipe, select_recipe, sweep_head)
 from tl_lightning.methods.shallow_heads import DEFAULT_C_GRID, DEFAULT_REG_GRID, fit_svm, refit
@@ -33,7 +31,7 @@ HEADS = ("linear", "svm", "logistic")
 __all__ = ["FNE_THRESHOLDS", "FeatureExtraction", "HEADS"]
 
 
-class FeatureExtraction(CachedFeatures, TransferModule):
+class FeatureExtraction(FeatureInputs, TransferModule):
     """Frozen backbone (always in eval mode, BatchNorm statistics fixed) plus a linear/MLP, SVM or logistic head."""
 
     def __init__(
@@ -71,8 +69,10 @@ class FeatureExtraction(CachedFeatures, TransferModule):
             l2_normalize: L2-normalise the embedding before the head.
             hidden_dim: 0 for a linear head, else the hidden width of a one-layer MLP head.
             dropout: dropout before the head's output layer.
-            cache: keep extracted features on disk and reuse them (deterministic inputs only).
-            cache_dir: feature cache folder; default ``$TL_LIGHTNING_CACHE`` or ``~/.cache/tl_lightning``.
+            cache: keep extracted features on disk and reuse them (deterministic inputs only); with
+                ``cache_dir`` (default ``$TL_LIGHTNING_CACHE`` or ``~/.cache/tl_lightning``), ``weights``, the
+                read-outs and the views, it goes to the DataModule, which serves the features
+                (``served_features``).
             head: ``linear`` (SGD over epochs; an MLP with ``hidden_dim``), ``svm`` (one-vs-rest squared-hinge
                 linear SVM, Razavian et al. 2014) or ``logistic`` (L-BFGS, L2 strength chosen on val from
                 ``reg_grid``, refitted on train+val, Kornblith et al. 2019). ``svm``/``logistic`` are fitted in
@@ -121,11 +121,9 @@ class FeatureExtraction(CachedFeatures, TransferModule):
             layers = FNE_LAYERS
         self.embedding = embedding
         self.l2_normalize = l2_normalize
-        self.extractor = FeatureExtractor(create_backbone(backbone, weights, num_classes=0), layers)
-        self.extractor.requires_grad_(False)
-        self.extractor.eval()
+        self.extractor = FeatureExtractor(frozen_backbone(backbone, weights), layers)
+        self.readout = readout_key(layers)  # the name of the read-out in served batches
         self._build_head(hidden_dim, dropout if head == "linear" else 0.0)
-        self.feature_cache = FeatureCache(cache_dir or default_cache_dir(), enabled=cache)
 
     def _build_head(self, hidden_dim: int = 0, dropout: float = 0.0) -> None:
         """The head and the FNE statistics, sized by the current read-out."""
@@ -151,6 +149,7 @@ class FeatureExtraction(CachedFeatures, TransferModule):
         if new is not old:
             old.remove_hooks()
             self.extractor = new
+        self.readout = readout_key(recipe.layers)
         self.embedding, self.l2_normalize, self.head_type = recipe.embedding, recipe.l2, recipe.head
         self._build_head()
 
@@ -175,12 +174,9 @@ class FeatureExtraction(CachedFeatures, TransferModule):
         stats = (self.fne_mean, self.fne_std) if self.embedding == "fne" else None
         return embed(raw, stats, self.l2_normalize)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (4-D) go through the frozen backbone; cached features (2-D) pass straight through."""
-        if x.ndim == 4:
-            with torch.no_grad():
-                x = self.extractor(x)
-        return self.embed(x)
+    def features(self, x) -> torch.Tensor:
+        """The embedding of a batch: served features (``{read-out: [B, D]}``) or images through the backbone."""
+        return self.embed(self.raw_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -188,7 +184,7 @@ class FeatureExtraction(CachedFeatures, TransferModule):
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """As ``TransferModule``, on the features averaged over the same ``tta_views`` as every split."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if x.ndim != 4:
+        if isinstance(x, dict) or x.ndim != 4:
             return super().predict_step(batch, batch_idx, dataloader_idx)
         dm = self.trainer.datamodule if self._trainer is not None else None
         views = batch_views(self.tta_views, flips=getattr(dm, "hflip", 0) > 0, crop=self.tta_crop)
@@ -206,12 +202,23 @@ class FeatureExtraction(CachedFeatures, TransferModule):
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
+        need = "recipe: auto" if self.recipe == AUTO else f"the {self.head_type} head" if self.fitted_head else \
+            "the full-network embedding" if self.embedding == "fne" else None
+        self.served(dm, required=need)
         if self.recipe == AUTO and not self.recipe_selection:  # a resumed fit keeps the checkpoint's choice
             self._check_fixed_inputs(dm)
-            recipe, self.recipe_selection, self._preselected = select_recipe(self, dm)
+            recipe, self.recipe_selection, self._preselected = select_recipe(
+                self, dm.feature_matrices("train"), dm.feature_matrices("val"))
             self.apply_recipe(recipe)
+        if self.embedding == "fne":
+            self.fit_fne_statistics(dm.feature_matrices("train"))
         if self.fitted_head:
             self.fit_head(dm)
+
+    def on_validation_start(self) -> None:
+        self.served(self.trainer.datamodule)  # (after a checkpoint is restored: its weights are checked)
+
+    on_test_start = on_validation_start
 
     def _check_fixed_inputs(self, dm) -> None:
         if not dm.deterministic_train:
@@ -220,17 +227,16 @@ class FeatureExtraction(CachedFeatures, TransferModule):
                           "for crops and flips).")
 
     def fit_head(self, dm) -> dict:
-        """Fit the ``svm``/``logistic`` head in full batch on the cached train (and val) embeddings."""
+        """Fit the ``svm``/``logistic`` head in full batch on the served train (and val) embeddings (FNE
+        statistics fitted)."""
         self._check_fixed_inputs(dm)
-        if self.embedding == "fne":
-            self._fit_fne_statistics(dm)
-        x_train, y_train = self.embedded_split("train", dm)
+        x_train, y_train = self.embedded(dm.feature_matrices("train"))
         task = dict(num_classes=self.num_classes, multilabel=self.multilabel)
         if self.head_type == "svm" and not self.svm_c_grid:
             fit = fit_svm(x_train, y_train, C=self.svm_c, max_iter=self.lbfgs_max_iter, **task)
             info = {"head": "svm", "C": self.svm_c}
         else:
-            x_val, y_val = self.embedded_split("val", dm)
+            x_val, y_val = self.embedded(dm.feature_matrices("val"))
             sweep, self._preselected = self._preselected, None
             if sweep is None:
                 sweep = sweep_head(self.head_type, x_train, y_train, x_val, y_val, reg_grid=self.reg_grid,

@@ -5,8 +5,8 @@ of Garcia-Gasulla et al. 2018 over every conv layer), optional L2 normalisation 
 ``logistic`` (L-BFGS, L2 strength swept on val) or ``svm`` (squared hinge, C swept on val). Names join the
 parts with ``+``: ``penultimate+logistic``, ``fne+l2+svm``, ...
 
-``auto`` (``select_recipe``) extracts each read-out once through the feature cache (with ``tta_views`` > 1,
-every view of it), fits every candidate's sweep on the train split, scores it on val (accuracy, or mAP for
+``auto`` (``select_recipe``) reads each read-out's served features (the DataModule extracts them once, with
+``tta_views`` > 1 averaged over the views), fits every candidate's sweep on the train split, scores it on val (accuracy, or mAP for
 multi-label data) and keeps the best; ties go to the earlier candidate in ``CANDIDATES``. The chosen
 candidate is then refitted on train+val at its chosen strength (Kornblith et al. 2019's protocol, applied
 to the choice of recipe as well as to the strength).
@@ -93,22 +93,18 @@ def sweep_head(head: str, x_train, y_train, x_val, y_val, *, num_classes: int, m
     return sweep_logistic(x_train, y_train, x_val, y_val, grid=reg_grid, **task)
 
 
-def select_recipe(module, dm) -> tuple[Recipe, dict, Sweep]:
-    """Score every candidate of ``CANDIDATES`` on val with ``module``'s cached features; return the best, the
-    ``recipe_selection`` record and the best candidate's sweep (its train fit seeds the train+val refit)."""
+def select_recipe(module, train_split: dict, val_split: dict) -> tuple[Recipe, dict, Sweep]:
+    """Score every candidate of ``CANDIDATES`` on val with the served features of the train and val splits
+    (``{read-out: [N, D], 'targets'}``); return the best, the ``recipe_selection`` record and the best
+    candidate's sweep (its train fit seeds the train+val refit)."""
     started = time.perf_counter()
     task = dict(num_classes=module.num_classes, multilabel=module.multilabel, reg_grid=module.reg_grid,
                 c_grid=module.svm_c_grid, max_iter=module.lbfgs_max_iter)
     rows, best = [], None
     for readout in dict.fromkeys(r.readout for r in CANDIDATES):
-        layers = next(r.layers for r in CANDIDATES if r.readout == readout)
-        extractor = module.readout_extractor(layers)
-        try:
-            train = module.split_features("train", dm, extractor)
-            val = module.split_features("val", dm, extractor)
-        finally:
-            if extractor is not module.extractor:
-                extractor.remove_hooks()
+        key = next(r.layers for r in CANDIDATES if r.readout == readout)
+        train = {"features": train_split[key], "targets": train_split["targets"]}
+        val = {"features": val_split[key], "targets": val_split["targets"]}
         stats = fne_statistics(train["features"]) if readout == "fne" else None
         for l2 in (False, True):  # one embedding and row space per L2 flag, shared by its heads
             x_train, x_val = embed(train["features"], stats, l2), embed(val["features"], stats, l2)
