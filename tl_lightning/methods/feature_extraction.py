@@ -161,14 +161,6 @@ class FeatureExtraction(FeatureInputs, TransferModule):
         self.extractor.eval()  # BatchNorm statistics of the backbone never move
         return self
 
-    def readout_extractor(self, layers) -> FeatureExtractor:
-        """The current extractor if it reads ``layers``, else a new one on the same (shared) backbone."""
-        extractor = FeatureExtractor(self.extractor.model, layers).eval()
-        if extractor.layers == self.extractor.layers:
-            extractor.remove_hooks()
-            return self.extractor
-        return extractor
-
     def embed(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw backbone features -> the embedding the head sees."""
         stats = (self.fne_mean, self.fne_std) if self.embedding == "fne" else None

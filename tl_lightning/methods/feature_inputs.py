@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 import torch
 
-from tl_lightning.backbones import readout_key, weights_id
+from tl_lightning.backbones import FeatureExtractor, readout_key, weights_id
 from tl_lightning.errors import TLError
 from tl_lightning.methods.recipes import AUTO, CANDIDATES, FNE_LAYERS, fne_statistics, parse_recipe
 
@@ -68,6 +68,14 @@ class FeatureInputs:
         if getattr(self, "_weights_id", None) is None:
             self._weights_id = weights_id(self.extractor.model)
         return self._weights_id
+
+    def readout_extractor(self, layers) -> FeatureExtractor:
+        """The current extractor if it reads ``layers``, else a new one on the same (shared) backbone."""
+        extractor = FeatureExtractor(self.extractor.model, layers).eval()
+        if extractor.layers == self.extractor.layers:
+            extractor.remove_hooks()
+            return self.extractor
+        return extractor
 
     def raw_features(self, x) -> torch.Tensor:
         """A batch's raw read-out: picked from served features, or computed from images (4-D)."""
