@@ -200,3 +200,20 @@ def test_multilabel_targets_train_and_report_map(tmp_path):
     tr.fit(fe, datamodule=dm)
     result = tr.test(fe, datamodule=dm, verbose=False)[0]
     assert result["test/mAP"] > 0.9  # colour channels are trivially separable
+
+
+def test_every_read_out_comes_from_one_pass_and_equals_its_own_extraction(tmp_path):
+    """``recipe: auto`` is served both candidate read-outs; one forward pass per image gives both, and each is
+    bit-identical to an extraction of that read-out alone (so a cache entry means the same either way)."""
+    dm = digits(served_by(tmp_path / "both", recipe="auto"), samples_per_class=5)
+    dm.setup("fit")
+    calls = ForwardCounter(dm.served_features.source.model)
+    both = dm.feature_matrices("val")
+    assert set(both) == {"penultimate", "every_conv", "targets"}
+    assert calls.calls == math.ceil(len(dm.split_dataset("val")) / dm.batch_size)
+    for layers in ("penultimate", "every_conv"):
+        alone = digits(served_by(tmp_path / layers, layers=layers), samples_per_class=5)
+        alone.setup("fit")
+        one = alone.feature_matrices("val")
+        assert list(one) == [layers, "targets"]
+        assert torch.equal(one[layers], both[layers]) and torch.equal(one["targets"], both["targets"])

@@ -15,6 +15,7 @@ import torch
 
 from conftest import FAST, REPO, read_metrics, run_cli
 from tl_lightning.backbones import FeatureExtractor, create_backbone
+from tl_lightning.backbones.features import resolve_layers
 from tl_lightning.errors import TLError
 from tl_lightning.methods import FeatureExtraction
 from tl_lightning.methods.recipes import CANDIDATES, RECIPES
@@ -69,15 +70,14 @@ def build(*args):
 
 def extracted(dm, split: str, dataset, layers) -> dict:
     """The data side's extraction of ``dataset`` with read-out ``layers`` (real, tiny; cached)."""
-    return dm.served_features.source.extract(split, dataset, dm.make_loader, None, layers)
+    out = dm.served_features.source.extract_readouts(split, dataset, dm.make_loader, {"x": layers})
+    return {"features": out["x"], "targets": out["targets"]}
 
 
 def plant_entry(dm, dataset, layers, value: dict) -> None:
     """Store ``value`` under the cache key the DataModule reads for ``dataset`` with read-out ``layers``."""
     source = dm.served_features.source
-    reader = FeatureExtractor(source.model, layers)
-    source.cache.save(source.key(dataset, reader), value)
-    reader.remove_hooks()
+    source.cache.save(source.key(dataset, resolve_layers(source.model, layers)), value)
 
 
 def plant(dm, informative: str) -> None:

@@ -205,7 +205,8 @@ def test_tta_extracts_and_caches_the_configured_number_of_views(tmp_path):
     assert len(list((tmp_path / "features").glob("*.pt"))) == views, "one cache file per view"
 
     base = dm.split_dataset("val", deterministic=True)
-    per_view = [source.extract("val", base.with_transform(t), dm.make_loader, None, model.readout)["features"]
+    per_view = [source.extract_readouts("val", base.with_transform(t), dm.make_loader,
+                                        {model.readout: model.readout})[model.readout]
                 for t in view_transforms(base.transform, views, flips=False)]
     assert sum(seen) == views * n, "the views come from the cache the second time"
     assert torch.allclose(feats[model.readout], torch.stack(per_view).mean(0))

@@ -126,8 +126,9 @@ class FeatureCache:
 @torch.no_grad()
 def extract_features(extractor: nn.Module, loader: DataLoader, device: torch.device, desc: str = "features",
                      channels_last: Optional[bool] = None) -> dict:
-    """Run ``extractor`` over ``loader`` in eval mode: {'features': [N, D] float32, 'targets': [N, ...]}. The
-    images are given the extractor's memory layout (``channels_last``; default: NHWC when its conv weights are)."""
+    """Run ``extractor`` over ``loader`` in eval mode: {'features': [N, D] float32, 'targets': [N, ...]}, or with an
+    extractor that returns ``{name: [B, D]}`` (``ReadoutSet``), ``features`` is ``{name: [N, D]}``. The images are
+    given the extractor's memory layout (``channels_last``; default: NHWC when its conv weights are)."""
     if channels_last is None:
         kernels = [p for p in extractor.parameters() if p.ndim == 4]
         channels_last = bool(kernels) and kernels[0].is_contiguous(memory_format=torch.channels_last) \
@@ -139,7 +140,10 @@ def extract_features(extractor: nn.Module, loader: DataLoader, device: torch.dev
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        feats.append(extractor(x).float().cpu())
+        out = extractor(x)
+        feats.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
         targets.append(y)
     extractor.train(was_training)
+    if feats and isinstance(feats[0], dict):
+        return {"features": {k: torch.cat([f[k] for f in feats]) for k in feats[0]}, "targets": torch.cat(targets)}
     return {"features": torch.cat(feats), "targets": torch.cat(targets)}

@@ -123,12 +123,34 @@ class FeatureExtractor(nn.Module):
             self._taps[name] = _pooled(output)
         return hook
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each tapped layer's spatially averaged output, by name, from one forward pass."""
         self._taps.clear()
         pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        outputs = [_pooled(pooled) if name == PENULTIMATE else self._taps[name] for name in self.layers]
+        out = {name: _pooled(pooled) if name == PENULTIMATE else self._taps[name] for name in self.layers}
         self._taps.clear()
-        return torch.cat(outputs, dim=1)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self.parts(x)
+        return torch.cat([parts[name] for name in self.layers], dim=1)
+
+
+class ReadoutSet(nn.Module):
+    """Several read-outs of one backbone from a single forward pass: ``{read-out name: [B, D]}``, each equal to
+    its own ``FeatureExtractor``'s output (the same tapped tensors)."""
+
+    def __init__(self, model: nn.Module, readouts: dict[str, list[str] | str]):
+        super().__init__()
+        self.names = {key: resolve_layers(model, layers) for key, layers in readouts.items()}
+        self.reader = FeatureExtractor(model, list(dict.fromkeys(n for names in self.names.values() for n in names)))
+
+    def remove_hooks(self) -> None:
+        self.reader.remove_hooks()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = self.reader.parts(x)
+        return {key: torch.cat([parts[n] for n in names], dim=1) for key, names in self.names.items()}
 
 
 @torch.no_grad()

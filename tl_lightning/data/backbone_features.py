@@ -14,7 +14,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from tl_lightning.backbones import FeatureExtractor, frozen_backbone, is_convnet, weights_id
+from tl_lightning.backbones import frozen_backbone, is_convnet, weights_id
+from tl_lightning.backbones.features import ReadoutSet, resolve_layers
 from tl_lightning.data.samples import SampleSet, Source
 from tl_lightning.feature_cache import FeatureCache, cache_key, extract_features
 from tl_lightning.rng import generators_kept
@@ -57,38 +58,63 @@ class BackboneFeatures:
             self.model.to(memory_format=torch.channels_last)
         self.cache = FeatureCache(cache_dir, enabled=cache)
 
-    def key(self, dataset: SampleSet, reader: Optional[FeatureExtractor] = None) -> str:
-        """The feature cache's key of ``dataset`` read by ``reader`` (None: the pooled output)."""
-        if reader is None:
+    def key(self, dataset: SampleSet, layers: Optional[list[str]] = None) -> str:
+        """The feature cache's key of ``dataset`` read at module names ``layers`` (None: the pooled output)."""
+        if layers is None:
             return cache_key(method="backbone_features", backbone=self.backbone_name, weights=self.weights_id,
                              dataset=dataset.fingerprint())
-        return cache_key(backbone=self.backbone_name, weights=self.weights_id, layers=reader.layers,
+        return cache_key(backbone=self.backbone_name, weights=self.weights_id, layers=list(layers),
                          dataset=dataset.fingerprint())
 
-    def extract(self, name: str, dataset: SampleSet, make_loader, trainer=None, layers=None) -> dict:
-        """``{'features': [N, D], 'targets'}`` of ``dataset`` in its order, from the cache or extracted once.
-        ``layers``: a read-out (``FeatureExtractor``); None reads the pooled output. ``trainer`` gives the device
-        and, under DDP, lets rank 0 extract while the other ranks wait for the cache."""
-        reader = FeatureExtractor(self.model, layers) if layers is not None else None
-        key = self.key(dataset, reader)
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+    def _device(self, trainer) -> torch.device:
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def extract(self, name: str, dataset: SampleSet, make_loader, trainer=None) -> dict:
+        """``{'features': [N, D], 'targets'}``: the pooled output for ``dataset`` in its order, from the cache or
+        extracted once. ``trainer`` gives the device and, under DDP, lets rank 0 extract while the other ranks
+        wait for the cache."""
+        key, device = self.key(dataset), self._device(trainer)
 
         def compute() -> dict:
             self.model.to(device)
-            out = extract_features(reader if reader is not None else self.model, make_loader(dataset, shuffle=False),
-                                   device, desc=f"extracting {name} features", channels_last=self.channels_last)
+            out = extract_features(self.model, make_loader(dataset, shuffle=False), device,
+                                   desc=f"extracting {name} features", channels_last=self.channels_last)
             self.model.cpu()
             return out
 
-        try:
-            if trainer is not None and trainer.world_size > 1:
-                if trainer.is_global_zero:
-                    self.cache.get_or_compute(key, compute)
-                trainer.strategy.barrier("backbone_features")
-            return self.cache.get_or_compute(key, compute)
-        finally:
-            if reader is not None:
+        if trainer is not None and trainer.world_size > 1:
+            if trainer.is_global_zero:
+                self.cache.get_or_compute(key, compute)
+            trainer.strategy.barrier("backbone_features")
+        return self.cache.get_or_compute(key, compute)
+
+    def extract_readouts(self, name: str, dataset: SampleSet, make_loader, readouts: dict, trainer=None) -> dict:
+        """``{read-out name: [N, D], 'targets'}`` for ``readouts`` (name -> layers), each cached under its own
+        key; the ones not cached are extracted together, in one pass over ``dataset``."""
+        keys = {k: self.key(dataset, resolve_layers(self.model, layers)) for k, layers in readouts.items()}
+        device = self._device(trainer)
+
+        def complete(values: dict) -> dict:
+            missing = {k: readouts[k] for k, v in values.items() if v is None}
+            if missing:
+                reader = ReadoutSet(self.model, missing)
+                with generators_kept():  # a loader draws seeds: a run that extracts draws what a cached one does
+                    self.model.to(device)
+                    out = extract_features(reader, make_loader(dataset, shuffle=False), device,
+                                           desc=f"extracting {name} features", channels_last=self.channels_last)
+                    self.model.cpu()
                 reader.remove_hooks()
+                for k in missing:
+                    values[k] = {"features": out["features"][k], "targets": out["targets"]}
+                    self.cache.save(keys[k], values[k])
+            return values
+
+        if trainer is not None and trainer.world_size > 1:
+            if trainer.is_global_zero:
+                complete({k: self.cache.load(key) for k, key in keys.items()})
+            trainer.strategy.barrier("backbone_features")
+        values = complete({k: self.cache.load(key) for k, key in keys.items()})
+        return {**{k: v["features"] for k, v in values.items()}, "targets": next(iter(values.values()))["targets"]}
 
     def split(self, name: str, dataset: SampleSet, make_loader, trainer=None) -> SampleSet:
         """``dataset`` (a deterministic view) as its pooled features, rows in its order."""

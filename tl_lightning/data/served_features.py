@@ -8,8 +8,8 @@ average, the memory layout and the cache:
     {weights: bundled, readouts: [penultimate, every_conv], tta_views: 1, tta_crop: 0.875,
      channels_last: auto, cache: true, cache_dir: null}
 
-The data side extracts each split's deterministic view once per read-out and view (``BackboneFeatures``: the
-feature cache, rank 0 first under DDP), averages the views, and serves rows ``{read-out: vector}`` with the
+The data side extracts each split's deterministic view once per view, every read-out from the same forward pass
+(``BackboneFeatures``: each read-out cached on its own, rank 0 first under DDP), averages the views, and serves rows ``{read-out: vector}`` with the
 split's targets. The train split keeps its images when it is augmented, and ``predict`` keeps its images (file
 names, order). The model picks its read-out from each batch, and checks the weights' identity, the read-outs and
 the views before it fits or evaluates (one sentence on a mismatch).
@@ -79,14 +79,12 @@ class ServedFeatures:
         if split in self._matrices:
             return self._matrices[split]
         views = view_transforms(dataset.transform, self.tta_views, self.flips, self.tta_crop)
-        out: dict = {}
-        for key, layers in self.readouts.items():
-            per_view = [self.source.extract(split if i == 0 else f"{split} view {i + 1}/{len(views)}",
-                                            dataset.with_transform(t), make_loader, trainer, layers)
-                        for i, t in enumerate(views)]
-            out[key] = per_view[0]["features"] if len(per_view) == 1 else \
-                torch.stack([v["features"] for v in per_view]).mean(0)
-            out["targets"] = per_view[0]["targets"]
+        per_view = [self.source.extract_readouts(split if i == 0 else f"{split} view {i + 1}/{len(views)}",
+                                                 dataset.with_transform(t), make_loader, self.readouts, trainer)
+                    for i, t in enumerate(views)]
+        out = {key: per_view[0][key] if len(per_view) == 1 else torch.stack([v[key] for v in per_view]).mean(0)
+               for key in self.readouts}
+        out["targets"] = per_view[0]["targets"]
         self._matrices[split] = out
         return out
 
