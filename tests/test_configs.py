@@ -117,3 +117,20 @@ def test_config_builds_its_model_datamodule_and_trainer(config, tmp_path, monkey
         from tl_lightning.loggers import WandbLogger
 
         assert any(isinstance(lg, WandbLogger) for lg in cli.trainer.loggers)
+    # the CLI links what a model reads from its own arguments into the DataModule, and nothing for other methods
+    declare = getattr(type(cli.model), "served_features", None)
+    expected = declare(**cli.model.hparams) if declare else None
+    if hasattr(cli.datamodule, "feature_weights"):  # class-incremental tasks: a frozen backbone's pooled features
+        assert cli.datamodule.feature_weights == (expected or {}).get("weights")
+    elif expected is None:
+        assert getattr(cli.datamodule, "served_features", None) is None
+    else:
+        from tl_lightning.backbones import readout_key
+
+        served = cli.datamodule.served_features
+        assert served.weights == expected["weights"] and served.tta_views == expected["tta_views"]
+        assert list(served.readouts) == [readout_key(r) for r in expected["readouts"]]
+    if config in ("configs/feature_extraction/cub200.yaml", "configs/incremental/cub200.yaml"):
+        assert expected is not None  # the real-data configs read a frozen backbone: its features are served
+    if config == "configs/feature_extraction/cub200.yaml":
+        assert list(cli.datamodule.served_features.readouts) == ["penultimate", "every_conv"]  # recipe: auto

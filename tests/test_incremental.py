@@ -321,7 +321,7 @@ def _served_features_dm(weights: str, cache) -> ClassIncrementalDataModule:
     return ClassIncrementalDataModule(DigitsDataModule(num_workers=0, samples_per_class=15, batch_size=32,
                                                        cache_dir=str(cache)),
                                       classes_per_task=2, class_order=[0, 1, 2, 3], backbone="digit_cnn",
-                                      feature_weights=weights)
+                                      serve_features={"weights": weights})
 
 
 def _trainer(tmp_path, callbacks=()) -> L.Trainer:
@@ -377,10 +377,21 @@ def test_served_features_must_match_the_models_frozen_backbone(tmp_path):
                       epochs_per_task=1, num_classes=dm.num_classes)
     with pytest.raises(TLError, match="freeze_backbone=true"):
         _trainer(tmp_path).fit(trainable, datamodule=_served_features_dm(served, tmp_path / "cache"))
-    with pytest.raises(TLError, match="feature_weights: none"):
+    with pytest.raises(TLError, match="weights 'none' would extract features with a random backbone"):
         _served_features_dm("none", tmp_path / "cache").setup()
-    with pytest.raises(TLError, match="augment"):
-        ClassIncrementalDataModule(DigitsDataModule(augment=True), feature_weights=served)
+    # an augmented data set is served as images; a request for read-outs (FeatureExtraction's) is refused
+    assert ClassIncrementalDataModule(DigitsDataModule(augment=True), serve_features={"weights": served},
+                                      classes_per_task=2).feature_weights is None
+    with pytest.raises(TLError, match="serves pooled features only"):
+        ClassIncrementalDataModule(DigitsDataModule(), serve_features={"weights": served, "readouts": ["x"]})
+
+
+def test_icarl_asks_for_served_features_only_for_a_frozen_pretrained_backbone_without_flips():
+    assert ICaRL.served_features(weights="bundled", freeze_backbone=True, preset="transfer") == {"weights": "bundled"}
+    assert ICaRL.served_features(weights="bundled", freeze_backbone=False, preset="transfer") is None
+    assert ICaRL.served_features(weights="bundled", freeze_backbone=True, preset="paper") is None  # flipped NME
+    assert ICaRL.served_features(weights="bundled", freeze_backbone=True, preset="paper", flip_nme=False)
+    assert ICaRL.served_features(weights="none", freeze_backbone=True, preset="transfer") is None
 
 
 def test_the_task_schedule_needs_loaders_rebuilt_every_epoch(tmp_path):

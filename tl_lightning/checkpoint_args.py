@@ -37,7 +37,8 @@ def read_hyperparameters(path: str) -> dict:
     return dict(ckpt.get("hyper_parameters") or {})
 
 
-def _resolve_class(class_path: str) -> Any:
+def resolve_class(class_path: str) -> Any:
+    """The class a ``class_path`` names, or the string itself when it names none."""
     module, _, name = str(class_path).rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
@@ -50,7 +51,7 @@ def check_method_class(path: str, hparams: dict, config_class_path: Optional[str
     saved = hparams.get("_class_path")
     if not saved or not config_class_path:
         return
-    if _resolve_class(saved) is _resolve_class(config_class_path) or saved == config_class_path:
+    if resolve_class(saved) is resolve_class(config_class_path) or saved == config_class_path:
         return
     short = lambda p: str(p).rpartition(".")[2]  # noqa: E731
     raise TLError(f"checkpoint '{path}' holds a {short(saved)} model but the config trains {short(config_class_path)}; "

@@ -50,8 +50,7 @@ def served_features_request(model) -> Optional[dict]:
     backbone's features declares (``served_features``); None (images) for every other method."""
     if model is None or not model.get("class_path"):
         return None
-    module, _, name = model.class_path.rpartition(".")
-    declare = getattr(getattr(importlib.import_module(module), name), "served_features", None)
+    declare = getattr(checkpoint_args.resolve_class(model.class_path), "served_features", None)
     init_args = model.get("init_args")
     return declare(**(vars(init_args) if init_args is not None else {})) if declare else None
 

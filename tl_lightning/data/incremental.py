@@ -12,8 +12,9 @@ checkpoints (``state_dict``), so ``validate``/``test`` of a checkpoint serve the
 trains each task on all the data of the classes seen so far (the upper bound). Loaders come from the wrapped
 DataModule (its batch size, workers and transforms).
 
-``feature_weights`` serves, instead of images, the pooled features of ``backbone`` with those weights
-(``backbone_features``: extracted once per split and cached), for a model whose backbone is frozen.
+``serve_features`` (``{weights: ...}``, linked by the CLI from a model whose backbone is frozen:
+``ICaRL.served_features``) serves, instead of images, the pooled features of ``backbone`` with those weights
+(``backbone_features``: extracted once per split and cached).
 """
 from __future__ import annotations
 
@@ -82,7 +83,6 @@ class ClassIncrementalDataModule(TLDataModule):
         batch_size: Optional[int] = None,
         num_workers: Optional[int] = None,
         backbone: Optional[str] = None,
-        feature_weights: Optional[str] = None,
         serve_features: Optional[dict] = None,
     ):
         """
@@ -98,12 +98,13 @@ class ClassIncrementalDataModule(TLDataModule):
             batch_size: override the wrapped DataModule's batch size.
             num_workers: override the wrapped DataModule's loader processes.
             backbone: linked from the model; passed to the wrapped DataModule (input size and normalisation).
-            feature_weights: serve the pooled features of ``backbone`` with these weights (``bundled``, ``hub`` or a
-                checkpoint path; the model's own, with ``freeze_backbone: true``) instead of images, extracted
-                once and cached; needs ``augment: false`` on the wrapped data set.
-            serve_features: linked by the CLI for every DataModule; must stay null here (``feature_weights``).
+            serve_features: ``{weights: ...}``: serve the pooled features of ``backbone`` with these weights
+                instead of images, extracted once and cached. The CLI fills it in from the model
+                (``ICaRL.served_features``: a frozen backbone), so configs leave it out. An augmented data set
+                is served as images.
         """
-        images_only(serve_features, self.__class__.__name__)
+        if serve_features is not None and set(serve_features) != {"weights"}:
+            images_only(serve_features, self.__class__.__name__ + " (it serves pooled features only)")
         if dataset.multilabel:
             raise TLError(f"{dataset.__class__.__name__} is multi-label; class-incremental learning needs "
                           "single-label classification data.")
@@ -121,10 +122,8 @@ class ClassIncrementalDataModule(TLDataModule):
         self.class_order_seed = class_order_seed
         self.joint = joint
         self.eval_samples_per_class = eval_samples_per_class
-        if feature_weights is not None and not dataset.deterministic_train:
-            raise TLError("served backbone features are extracted once, so training augmentation cannot apply; set "
-                          "augment: false on the wrapped data set (data.init_args.dataset.init_args.augment).")
-        self.feature_weights = feature_weights
+        #: the weights whose features are served (None: images, also when the data set is augmented)
+        self.feature_weights = serve_features["weights"] if serve_features and dataset.deterministic_train else None
         #: the identity of the weights the served features were read with (None: images are served)
         self.feature_weights_id: Optional[str] = None
         self.order = resolve_class_order(dataset.classes, class_order, class_order_seed)
@@ -204,9 +203,9 @@ class ClassIncrementalDataModule(TLDataModule):
             from tl_lightning.data.backbone_features import BackboneFeatures
 
             if self.feature_weights == "none":
-                raise TLError("feature_weights: none would extract features with a random backbone the model does "
-                              "not share; give pretrained weights (bundled, hub or a checkpoint path) or serve "
-                              "images.")
+                raise TLError("serve_features with weights 'none' would extract features with a random backbone "
+                              "the model does not share; give pretrained weights (bundled, hub or a checkpoint "
+                              "path) or serve images.")
             features = BackboneFeatures(self.backbone, self.feature_weights, self.cache_dir)
             self.feature_weights_id = features.weights_id
         for split, ds in self.dataset.splits.items():

@@ -19,11 +19,11 @@ Presets:
 
 ``loss: ce`` (no distillation) with ``memory_budget: 0`` is plain fine-tuning, the lower bound.
 
-This module keeps the network, the loss, the previous model, the steps and the task sequence; the pieces, one
-concern each: ``callbacks/task_schedule.py`` (the task sequence as epochs), ``incremental_task_end.py`` (memory
-update by herding, class means, evaluation, their state in checkpoints), ``exemplars.py`` (the memory),
-``incremental_report.py`` and ``incremental_metrics.py`` (accuracy matrix, JSON, PNGs). A frozen backbone's
-features are served by the data side (``ClassIncrementalDataModule(feature_weights=...)``).
+This module keeps the network, the loss, the previous model and the steps; the pieces, one concern each:
+``callbacks/task_schedule.py`` (tasks as epochs), ``incremental_task_end.py`` (herding, class means, evaluation,
+their checkpoint state), ``exemplars.py`` (the memory), ``incremental_report.py`` and ``incremental_metrics.py``
+(accuracy matrix, JSON, PNGs). The data side serves a frozen backbone's features (``serve_features``, which
+the CLI fills in from ``ICaRL.served_features``).
 
 DDP: the end-of-task work runs on global rank 0 and its result (memory, class means, accuracies) is broadcast,
 so every rank holds the same memory. The previous model is a plain attribute: not a parameter, not in the DDP
@@ -178,25 +178,31 @@ class ICaRL(TaskEnd, IncrementalReport, TransferModule):
     def configure_callbacks(self):
         return [TaskSchedule()]
 
+    @staticmethod
+    def served_features(weights: str = "bundled", freeze_backbone: bool = False, preset: str = "paper",
+                        flip_nme: Optional[bool] = None, **_) -> Optional[dict]:
+        """The DataModule's ``serve_features`` for these arguments (the CLI links it): a frozen backbone's
+        weights; None (images) when it trains, flips images or is random."""
+        flips = PRESETS.get(preset, {}).get("flip_nme", False) if flip_nme is None else flip_nme
+        return {"weights": weights} if freeze_backbone and not flips and weights != "none" else None
+
     def setup(self, stage: str) -> None:
         self.class_order = self.dm.class_names
         if self.dm.feature_weights is not None and (not self.freeze_backbone or self.flip_nme):
-            raise TLError("the DataModule serves backbone features (feature_weights), which needs "
-                          "--model.freeze_backbone=true and --model.flip_nme=false (flips need images); change "
-                          "one or serve images (data.init_args.feature_weights: null).")
+            raise TLError("the DataModule serves backbone features, which needs --model.freeze_backbone=true and "
+                          "--model.flip_nme=false; build serve_features with ICaRL.served_features (the CLI does).")
 
     def _check_served_features(self) -> None:
         if self.dm.feature_weights_id is not None and weights_id(self.net.backbone) != self.dm.feature_weights_id:
             raise TLError("the DataModule serves backbone features read with other weights than the model's "
-                          "backbone; give data.init_args.feature_weights the model's weights.")
+                          "backbone; build serve_features with ICaRL.served_features (the CLI does this).")
 
     def on_fit_start(self) -> None:
         self._check_served_features()
         if self.previous_model is not None:
             self.previous_model.to(self.device)
 
-    def on_test_start(self) -> None:
-        self._check_served_features()
+    on_test_start = _check_served_features
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero and self.rows["cnn"]:
