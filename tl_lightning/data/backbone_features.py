@@ -82,7 +82,7 @@ class BackboneFeatures:
             self.model.cpu()
             return out
 
-        if trainer is not None and trainer.world_size > 1:
+        if trainer is not None and trainer.world_size > 1 and self.cache.enabled:  # rank 0 fills the cache
             if trainer.is_global_zero:
                 self.cache.get_or_compute(key, compute)
             trainer.strategy.barrier("backbone_features")
@@ -109,7 +109,7 @@ class BackboneFeatures:
                     self.cache.save(keys[k], values[k])
             return values
 
-        if trainer is not None and trainer.world_size > 1:
+        if trainer is not None and trainer.world_size > 1 and self.cache.enabled:  # rank 0 fills the cache
             if trainer.is_global_zero:
                 complete({k: self.cache.load(key) for k, key in keys.items()})
             trainer.strategy.barrier("backbone_features")

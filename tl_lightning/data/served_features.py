@@ -75,9 +75,11 @@ class ServedFeatures:
 
     def matrices(self, split: str, dataset: SampleSet, make_loader, trainer=None) -> dict:
         """``{read-out: [N, D], 'targets': [N, ...]}`` of ``dataset`` (``split``'s deterministic view), each
-        read-out averaged over the ``tta_views`` views; extracted once per split."""
-        if split in self._matrices:
-            return self._matrices[split]
+        read-out averaged over the ``tta_views`` views; extracted once per split (and samples: a changed split is
+        read again)."""
+        memo = f"{split}:{dataset.fingerprint()}"
+        if memo in self._matrices:
+            return self._matrices[memo]
         views = view_transforms(dataset.transform, self.tta_views, self.flips, self.tta_crop)
         per_view = [self.source.extract_readouts(split if i == 0 else f"{split} view {i + 1}/{len(views)}",
                                                  dataset.with_transform(t), make_loader, self.readouts, trainer)
@@ -85,7 +87,7 @@ class ServedFeatures:
         out = {key: per_view[0][key] if len(per_view) == 1 else torch.stack([v[key] for v in per_view]).mean(0)
                for key in self.readouts}
         out["targets"] = per_view[0]["targets"]
-        self._matrices[split] = out
+        self._matrices[memo] = out
         return out
 
     def loader(self, matrices: dict, batch_size: int, shuffle: bool) -> DataLoader:
