@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import FAST, REPO
+from helpers import FAST, REPO
 
 #: the quickstart (frozen backbone + linear head on scikit-learn digits) shrunk to a few seconds
 QUICK = ("--config", str(REPO / "configs/quickstart.yaml"), "--data.image_size=32", "--model.embedding=pooled",
@@ -44,7 +44,7 @@ def one_error(capsys, *args) -> str:
     """
     import pytest
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     with pytest.raises(SystemExit) as exc:
         run_cli(*args)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import FAST, read_metrics, run_cli
+from helpers import FAST, read_metrics, run_cli
 from tl_lightning.data.digits import BlendedDigitsDataModule, DigitsDataModule, blend_digits, load_digit_images
 from tl_lightning.data.domains import ByteImages, DomainPairDataModule
 from tl_lightning.errors import TLError

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import FAST, run_cli
+from helpers import FAST, run_cli
 from tl_lightning.errors import TLError
 from tl_lightning.losses import confusion_loss, domain_balanced_mean, domain_loss, grad_reverse
 from tl_lightning.methods.adaptation import DomainAdaptation

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fault_helpers import cli, one_error
 
-from tests.conftest import FAST
+from helpers import FAST
 from tl_lightning.callbacks.results import BestCheckpoint
 
 CONFIG = "configs/adaptation/digits_offline.yaml"

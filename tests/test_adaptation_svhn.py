@@ -8,7 +8,7 @@ import math
 import torch
 from fixtures.datasets import write_mnist, write_svhn
 
-from tests.conftest import FAST, run_cli
+from helpers import FAST, run_cli
 
 
 def test_svhn_to_mnist_config_fits_and_tests_on_official_format_files(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAST, REPO, read_metrics, run_cli
+from helpers import FAST, REPO, read_metrics, run_cli
 
 QUICK = ("--config", str(REPO / "configs/quickstart.yaml"), "--data.image_size=32", "--trainer.max_epochs=3",
          "--model.embedding=pooled", "--model.lr=0.01", *FAST)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, read_metrics, run_cli
+from helpers import FAST, read_metrics, run_cli
 from fixtures.datasets import (digit_level, write_cub, write_flowers102, write_mnist, write_mnistm,
                                write_svhn, write_voc2007)
 from tl_lightning.data import (CUB200DataModule, Flowers102DataModule, MNISTDataModule, MNISTMDataModule,

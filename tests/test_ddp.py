@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_metrics
+from helpers import REPO, read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import FAST, REPO
+from helpers import FAST, REPO
 from fault_helpers import QUICK, experiment_overlay, one_error
 from helpers.tmpfs import mounted_tmpfs
 from tl_lightning.errors import TLError

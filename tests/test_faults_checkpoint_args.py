@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAST, REPO, read_metrics, run_cli
+from helpers import FAST, REPO, read_metrics, run_cli
 from fault_helpers import QUICK, experiment_overlay, one_error
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, REPO, read_metrics, run_cli
+from helpers import FAST, REPO, read_metrics, run_cli
 
 
 def csv_epochs(path: Path) -> dict[int, dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from fault_helpers import QUICK, cli, experiment_overlay
 
 

@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import FAST, REPO, read_metrics, run_cli
+from helpers import FAST, REPO, read_metrics, run_cli
 from tl_lightning.backbones import create_backbone, layer_groups
 from tl_lightning.callbacks.results import BestCheckpoint
 from tl_lightning.callbacks.unfreeze import LPFT, FreezeUnfreeze, Gradual, Milestones, make_strategy

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, read_metrics, run_cli
+from helpers import FAST, read_metrics, run_cli
 from tl_lightning.backbones import create_backbone
 from tl_lightning.data import DigitsDataModule
 from tl_lightning.data.backbone_features import BackboneFeatures

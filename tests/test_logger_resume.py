@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from test_wandb import _history, wandb_records
 from tl_lightning.callbacks.logger_resume import CHECKPOINT_KEY
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import FAST, REPO, read_metrics, run_cli
+from helpers import FAST, REPO, read_metrics, run_cli
 from tl_lightning.data import CSVDataModule, ImageFolderDataModule
 from tl_lightning.data.report import DataReportWarning
 from tl_lightning.errors import TLError

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import FAST, REPO, read_metrics, run_cli
+from helpers import FAST, REPO, read_metrics, run_cli
 from tl_lightning.backbones import FeatureExtractor, create_backbone
 from tl_lightning.backbones.features import resolve_layers
 from tl_lightning.errors import TLError

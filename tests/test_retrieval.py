@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 
-from conftest import FAST, REPO, run_cli
+from helpers import FAST, REPO, run_cli
 from tl_lightning.errors import TLError
 from tl_lightning.retrieval import nearest, relevance, retrieval_metrics, similarity
 

@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
-from conftest import FAST, REPO, read_metrics, run_cli
+from helpers import FAST, REPO, read_metrics, run_cli
 from tl_lightning.data import DigitsDataModule
 from tl_lightning.errors import TLError
 from tl_lightning.methods import FeatureExtraction

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_metrics
+from helpers import REPO, read_metrics
 from tl_lightning import slurm
 from tl_lightning.errors import TLError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_metrics
+from helpers import REPO, read_metrics
 from test_slurm import CLUSTER, job_field, requeue_and_wait, wait_for
 
 NODES = ("n1", "n2")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, read_metrics, run_cli
+from helpers import REPO, read_metrics, run_cli
 from tl_lightning import sweep, sweep_trials
 from tl_lightning.errors import TLError
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 TESTS = Path(__file__).resolve().parent
 

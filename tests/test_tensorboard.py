@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_metrics, run_cli
+from helpers import REPO, read_metrics, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 QUICK = ("--config", str(REPO / "configs/quickstart.yaml"), "--data.image_size=32", "--trainer.max_epochs=2",

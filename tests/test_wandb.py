@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_metrics
+from helpers import REPO, read_metrics
 from tl_lightning.loggers import WandbLogger, has_api_key, server_reachable, wandb_mode
 
 _BLOCK = 32768  # W&B's run file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) records
