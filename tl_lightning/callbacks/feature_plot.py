@@ -7,7 +7,7 @@ Features come from the module's ``plot_features(split)`` where it has one: a dic
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional
+from typing import Literal, Optional, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -15,6 +15,20 @@ import torch
 
 from tl_lightning.errors import TLError
 from tl_lightning.plots import embed_2d, log_image, plot_embedding
+
+
+@runtime_checkable
+class PlotsFeatures(Protocol):
+    """A model that gives its own embedding of a split (e.g. ``FeatureExtraction``: the served features)."""
+
+    def plot_features(self, split: str) -> dict: ...
+
+
+@runtime_checkable
+class EmbedsImages(Protocol):
+    """A model whose ``features`` maps a batch of images to its embedding."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class FeaturePlot(L.Callback):
@@ -36,9 +50,9 @@ class FeaturePlot(L.Callback):
         self.last_path: Optional[str] = None
 
     def collect(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> dict:
-        if hasattr(pl_module, "plot_features"):
+        if isinstance(pl_module, PlotsFeatures):
             return pl_module.plot_features(self.split)
-        if not hasattr(pl_module, "features"):
+        if not isinstance(pl_module, EmbedsImages):
             raise TLError(f"FeaturePlot needs a module with plot_features(split) or features(images); "
                           f"{type(pl_module).__name__} has neither.")
         dm = trainer.datamodule
