@@ -44,6 +44,15 @@ class IncrementalLearner(Protocol):
     def memory_positions(self): ...
 
 
+@runtime_checkable
+class TaskData(Protocol):
+    """What the schedule needs of the DataModule (``ClassIncrementalDataModule``)."""
+
+    num_tasks: int
+
+    def set_task(self, task: int, memory_positions=None) -> None: ...
+
+
 class TaskSchedule(Callback):
     """Class-incremental tasks as epochs of one fit (see module docstring)."""
 
@@ -52,7 +61,7 @@ class TaskSchedule(Callback):
             raise TLError(f"TaskSchedule needs a class-incremental model such as ICaRL, not "
                           f"{pl_module.__class__.__name__}.")
         dm = trainer.datamodule
-        if not hasattr(dm, "set_task") or not hasattr(dm, "num_tasks"):
+        if not isinstance(dm, TaskData):
             raise TLError("the task schedule needs a class-incremental DataModule; use data.class_path "
                           "tl_lightning.data.incremental.ClassIncrementalDataModule around your data set.")
         if stage == "fit" and trainer.reload_dataloaders_every_n_epochs != 1:
