@@ -66,54 +66,50 @@ class BackboneFeatures:
         return cache_key(backbone=self.backbone_name, weights=self.weights_id, layers=list(layers),
                          dataset=dataset.fingerprint())
 
-    def _device(self, trainer) -> torch.device:
-        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+    def _read(self, reader, name: str, dataset: SampleSet, make_loader, trainer) -> dict:
+        """One pass of ``reader`` (this backbone or read-outs of it) over ``dataset`` on the trainer's device."""
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        self.model.to(device)
+        out = extract_features(reader, make_loader(dataset, shuffle=False), device,
+                               desc=f"extracting {name} features", channels_last=self.channels_last)
+        self.model.cpu()
+        return out
+
+    def _rank_zero_first(self, trainer, fill):
+        """``fill()``, which reads the cache and fills what it lacks; under DDP rank 0 fills it first while the
+        other ranks wait, so they only read."""
+        if trainer is not None and trainer.world_size > 1 and self.cache.enabled:
+            if trainer.is_global_zero:
+                fill()
+            trainer.strategy.barrier("backbone_features")
+        return fill()
 
     def extract(self, name: str, dataset: SampleSet, make_loader, trainer=None) -> dict:
         """``{'features': [N, D], 'targets'}``: the pooled output for ``dataset`` in its order, from the cache or
-        extracted once. ``trainer`` gives the device and, under DDP, lets rank 0 extract while the other ranks
-        wait for the cache."""
-        key, device = self.key(dataset), self._device(trainer)
-
-        def compute() -> dict:
-            self.model.to(device)
-            out = extract_features(self.model, make_loader(dataset, shuffle=False), device,
-                                   desc=f"extracting {name} features", channels_last=self.channels_last)
-            self.model.cpu()
-            return out
-
-        if trainer is not None and trainer.world_size > 1 and self.cache.enabled:  # rank 0 fills the cache
-            if trainer.is_global_zero:
-                self.cache.get_or_compute(key, compute)
-            trainer.strategy.barrier("backbone_features")
-        return self.cache.get_or_compute(key, compute)
+        extracted once (``trainer``: the device, and DDP)."""
+        key = self.key(dataset)
+        return self._rank_zero_first(trainer, lambda: self.cache.get_or_compute(
+            key, lambda: self._read(self.model, name, dataset, make_loader, trainer)))
 
     def extract_readouts(self, name: str, dataset: SampleSet, make_loader, readouts: dict, trainer=None) -> dict:
         """``{read-out name: [N, D], 'targets'}`` for ``readouts`` (name -> layers), each cached under its own
         key; the ones not cached are extracted together, in one pass over ``dataset``."""
         keys = {k: self.key(dataset, resolve_layers(self.model, layers)) for k, layers in readouts.items()}
-        device = self._device(trainer)
 
-        def complete(values: dict) -> dict:
+        def fill() -> dict:
+            values = {k: self.cache.load(key) for k, key in keys.items()}
             missing = {k: readouts[k] for k, v in values.items() if v is None}
             if missing:
                 reader = ReadoutSet(self.model, missing)
                 with generators_kept():  # a loader draws seeds: a run that extracts draws what a cached one does
-                    self.model.to(device)
-                    out = extract_features(reader, make_loader(dataset, shuffle=False), device,
-                                           desc=f"extracting {name} features", channels_last=self.channels_last)
-                    self.model.cpu()
+                    out = self._read(reader, name, dataset, make_loader, trainer)
                 reader.remove_hooks()
                 for k in missing:
                     values[k] = {"features": out["features"][k], "targets": out["targets"]}
                     self.cache.save(keys[k], values[k])
             return values
 
-        if trainer is not None and trainer.world_size > 1 and self.cache.enabled:  # rank 0 fills the cache
-            if trainer.is_global_zero:
-                complete({k: self.cache.load(key) for k, key in keys.items()})
-            trainer.strategy.barrier("backbone_features")
-        values = complete({k: self.cache.load(key) for k, key in keys.items()})
+        values = self._rank_zero_first(trainer, fill)
         return {**{k: v["features"] for k, v in values.items()}, "targets": next(iter(values.values()))["targets"]}
 
     def split(self, name: str, dataset: SampleSet, make_loader, trainer=None) -> SampleSet:

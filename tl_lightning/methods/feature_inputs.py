@@ -14,15 +14,19 @@ from typing import Optional, Union
 
 import torch
 
-from tl_lightning.backbones import FeatureExtractor, readout_key, weights_id
+from tl_lightning.backbones import FeatureExtractor, weights_id
 from tl_lightning.errors import TLError
 from tl_lightning.methods.recipes import AUTO, CANDIDATES, FNE_LAYERS, fne_statistics, parse_recipe
+
+
+#: the read-outs ``recipe: auto`` compares (those of its candidates)
+AUTO_READOUTS = tuple(dict.fromkeys(r.layers for r in CANDIDATES))
 
 
 def readouts_needed(recipe: Optional[str], layers: Union[str, list[str]], embedding: str) -> list:
     """The read-outs a model with these arguments may use: both candidates' for ``auto``, else its own."""
     if recipe == AUTO:
-        return list(dict.fromkeys(r.layers for r in CANDIDATES))
+        return list(AUTO_READOUTS)
     pinned = parse_recipe(recipe)
     if pinned is not None:
         return [pinned.layers]
@@ -54,7 +58,7 @@ class FeatureInputs:
         if served.weights_id != self.backbone_weights_id():
             raise TLError("the DataModule serves features read with other weights than the model's backbone; give "
                           "serve_features the model's weights (the CLI links them from --model.weights).")
-        needed = [readout_key(r) for r in readouts_needed(AUTO, "", "")] if self.recipe == AUTO else [self.readout]
+        needed = list(AUTO_READOUTS) if self.recipe == AUTO else [self.readout]
         missing = [key for key in needed if key not in served.readouts]
         if missing or (served.tta_views, served.tta_crop) != (self.tta_views, self.tta_crop):
             raise TLError(f"the DataModule serves read-outs {list(served.readouts)} with tta_views="
