@@ -17,8 +17,10 @@ install: $(BIN)/python
 quickstart: install
 	$(BIN)/python -m tl_lightning fit --config configs/quickstart.yaml
 
+# 4 workers (pytest-xdist) on any core count: most tests wait on processes they start; loadgroup keeps the
+# SLURM cluster tests on one worker
 test: install
-	$(BIN)/python -m pytest -q --durations=20 --timeout=1200 tests
+	$(BIN)/python -m pytest -q -n 4 --dist loadgroup --durations=20 --timeout=1200 tests
 
 stress: install  # the suite 3 times, each while two CPU-bound processes compete for the cores
 	bash tests/stress.sh 3

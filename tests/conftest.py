@@ -13,5 +13,15 @@ def _isolated_env(tmp_path_factory):
     os.environ["TL_LIGHTNING_CACHE"] = str(cache)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # under ``pytest -n N`` the workers share the cores: each worker and the runs it starts get cores // N threads
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, min(2, (os.cpu_count() or 1) // workers))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
     yield
+
+
+def pytest_collection_modifyitems(items):
+    """Long tests (marked ``slow``) first, so that under ``pytest -n`` (``make test``) no worker starts one last
+    while the others sit idle; the order within each kind stays as collected (the same on every worker)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from helpers import FAST, REPO
+from helpers.launch import run_launched
 
 #: the quickstart (frozen backbone + linear head on scikit-learn digits) shrunk to a few seconds
 QUICK = ("--config", str(REPO / "configs/quickstart.yaml"), "--data.image_size=32", "--model.embedding=pooled",
@@ -15,10 +16,13 @@ QUICK = ("--config", str(REPO / "configs/quickstart.yaml"), "--data.image_size=3
 
 
 def cli(*args, cwd=REPO, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m tl_lightning ARGS`` in a subprocess (stdout and stderr captured)."""
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "tl_lightning", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+    """``python -m tl_lightning ARGS`` as a process of its own (stdout and stderr captured): forked from the
+    preloaded server (``helpers.launch``), or started from scratch for DDP, which relaunches the command line."""
+    if any(re.match(r"--trainer\.(strategy=ddp|devices=[2-9])", str(a)) for a in args):
+        full_env = dict(os.environ, **(env or {}))
+        return subprocess.run([sys.executable, "-m", "tl_lightning", *map(str, args)], cwd=cwd, capture_output=True,
+                              text=True, timeout=timeout, env=full_env)
+    return run_launched(*args, cwd=cwd, timeout=timeout, env=env)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:

@@ -19,7 +19,7 @@ for run in $(seq 1 "$runs"); do
   export TL_LIGHTNING_CACHE="$(mktemp -d)"
   log="$(mktemp -t stress-XXXX.log)"
   start=$(date +%s)
-  "$python" -m pytest -q --durations=20 --timeout=1200 "$@" tests >"$log" 2>&1
+  "$python" -m pytest -q -n 4 --dist loadgroup --durations=20 --timeout=1200 "$@" tests >"$log" 2>&1
   rc=$?
   end=$(date +%s)
   stop_hogs

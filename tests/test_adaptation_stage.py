@@ -4,7 +4,6 @@ optimizer) and ends exactly like a run that was never stopped, and no stage epoc
 from __future__ import annotations
 
 import json
-import signal
 
 import lightning as L
 import pytest

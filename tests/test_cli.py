@@ -1,22 +1,16 @@
 """The CLI: fit/validate/test/predict, config layering and overrides, links, run results, clear errors."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fault_helpers import cli
 from helpers import FAST, REPO, read_metrics, run_cli
 
 QUICK = ("--config", str(REPO / "configs/quickstart.yaml"), "--data.image_size=32", "--trainer.max_epochs=3",
          "--model.embedding=pooled", "--model.lr=0.01", *FAST)
-
-
-def cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tl_lightning", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
 
 
 @pytest.fixture(scope="module")

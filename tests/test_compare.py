@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from fault_helpers import cli
 from helpers import FAST, REPO, read_metrics, run_cli
 from tl_lightning import compare
 from tl_lightning.errors import TLError
@@ -30,9 +29,7 @@ def two_runs(tmp_path_factory) -> Path:
 
 def test_compare_two_real_runs_writes_table_csv_and_plot(two_runs, tmp_path):
     out = tmp_path / "cmp"
-    proc = subprocess.run([sys.executable, "-m", "tl_lightning", "compare", str(two_runs / "lr-high"),
-                           str(two_runs / "lr-low"), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = cli("compare", two_runs / "lr-high", two_runs / "lr-low", "--out", out, timeout=300)
     assert proc.returncode == 0, proc.stderr
     with open(out / "comparison.csv") as f:
         header, *rows = list(csv.reader(f))

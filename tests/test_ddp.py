@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, read_metrics
+from fault_helpers import cli
+from helpers import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -19,10 +18,9 @@ QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 
 def fit(run_dir: Path, *args: str, timeout: int = 600, command: str = "fit") -> subprocess.CompletedProcess:
-    """``python -m tl_lightning <command>`` in a fresh process (DDP relaunches this command line for rank 1)."""
-    proc = subprocess.run([sys.executable, "-m", "tl_lightning", command, *args, *QUIET,
-                           f"--trainer.default_root_dir={run_dir}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    """``python -m tl_lightning <command>``: a fresh process for DDP (which relaunches this command line for rank 1),
+    a forked one (``helpers.launch``) for the one-process references."""
+    proc = cli(command, *args, *QUIET, f"--trainer.default_root_dir={run_dir}", timeout=timeout)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return proc
 

@@ -7,15 +7,14 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO
 from fault_helpers import QUICK, cli, experiment_overlay
+from helpers.launch import launch
 
 
 def loadable(path: Path) -> bool:
@@ -31,7 +30,7 @@ def wait_for(predicate, proc: subprocess.Popen, what: str, limit_s: float = 600)
     deadline = time.monotonic() + limit_s
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}: {proc.output()[1][-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"no {what} after {limit_s} s")
@@ -44,8 +43,7 @@ def test_killed_fit_exits_nonzero_saves_last_and_prints_the_resume_command(tmp_p
     root = tmp_path / "exp"
     args = ["fit", *QUICK, "--config", experiment_overlay(tmp_path, root), "--trainer.max_epochs=10000",
             "--test_after_fit=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "tl_lightning", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = launch(*args)
     last = root / "latest" / "checkpoints" / "last.ckpt"
     wait_for(lambda: last.exists() and loadable(last), proc, "the first epoch's last.ckpt")
     proc.send_signal(signum)
@@ -63,8 +61,7 @@ def test_killed_fit_exits_nonzero_saves_last_and_prints_the_resume_command(tmp_p
     assert command[:4] == ["python", "-m", "tl_lightning", "fit"]
     assert command[-1] == f"--ckpt_path={root / run.name / 'checkpoints' / 'last.ckpt'}"
     stop = saved["epoch"] + 2
-    done = subprocess.run([sys.executable, *command[1:], f"--trainer.max_epochs={stop}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    done = cli(*command[3:], f"--trainer.max_epochs={stop}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in root.iterdir()) == sorted([run.name, "latest"])
     history = json.loads((run / "metrics.json").read_text())["history"]

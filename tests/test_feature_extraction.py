@@ -104,10 +104,10 @@ def test_served_features_equal_the_models_own_read_out_and_must_be_its_own(tmp_p
     dm.setup("fit")
     served = dm.feature_matrices("val")
     assert list(served) == ["every_block", "targets"]
-    images = torch.cat([x for x, _ in dm.make_loader(dm.split_dataset("val", deterministic=True), shuffle=False)])
     fe.configure_model()  # the layout a fit gives it (channels_last: auto), which the data side uses too
-    with torch.no_grad():
-        direct = fe.extractor(images.contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():  # batch by batch as the data side reads them (a conv's sums depend on the batch shape)
+        direct = torch.cat([fe.extractor(x.contiguous(memory_format=torch.channels_last))
+                            for x, _ in dm.make_loader(dm.split_dataset("val", deterministic=True), shuffle=False)])
     assert torch.allclose(served["every_block"], direct, atol=1e-5)
     batch, targets = next(iter(dm.val_dataloader()))
     assert torch.equal(fe.raw_features(batch), served["every_block"][:len(targets)])

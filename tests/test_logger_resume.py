@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from helpers import REPO
+from fault_helpers import cli
 from test_wandb import _history, wandb_records
 from tl_lightning.callbacks.logger_resume import CHECKPOINT_KEY
 
@@ -19,8 +18,7 @@ QUICK = ("--config", "configs/quickstart.yaml", "--data.image_size=32", "--model
 
 
 def fit(run_dir: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "tl_lightning", "fit", *QUICK, f"--trainer.default_root_dir={run_dir}",
-                           *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = cli("fit", *QUICK, f"--trainer.default_root_dir={run_dir}", *args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -87,8 +85,7 @@ def _fit_with_csv_and_tensorboard(run_dir: Path, *args: str) -> subprocess.Compl
     loggers = ("--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run_dir}",
                "--trainer.logger.name=csv", "--trainer.logger+=lightning.pytorch.loggers.TensorBoardLogger",
                f"--trainer.logger.save_dir={run_dir}", "--trainer.logger.name=tb")
-    return subprocess.run([sys.executable, "-m", "tl_lightning", *STOPPABLE, f"--trainer.default_root_dir={run_dir}",
-                           *loggers, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    return cli(*STOPPABLE, f"--trainer.default_root_dir={run_dir}", *loggers, *args, timeout=900)
 
 
 def _csv(path: Path) -> list[dict]:
@@ -134,11 +131,10 @@ def test_a_run_stopped_mid_epoch_logs_each_step_once_in_its_wandb_run(tmp_path):
     wandb = ("--config", "configs/logger/wandb.yaml")
     stop = ("--trainer.callbacks+=tests.helpers.signal_at.SignalAt", "--trainer.callbacks.epoch=2",
             "--trainer.callbacks.batch=1")
-    base = [sys.executable, "-m", "tl_lightning", *STOPPABLE, f"--trainer.default_root_dir={run}", *wandb]
-    stopped = subprocess.run([*base, *stop], cwd=REPO, capture_output=True, text=True, timeout=900)
+    base = [*STOPPABLE, f"--trainer.default_root_dir={run}", *wandb]
+    stopped = cli(*base, *stop, timeout=900)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
-    resumed = subprocess.run([*base, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], cwd=REPO,
-                             capture_output=True, text=True, timeout=900)
+    resumed = cli(*base, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     segments = sorted((run / "wandb").glob("offline-run-*"))
     assert len(segments) == 2, segments

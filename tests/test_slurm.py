@@ -16,6 +16,9 @@ from helpers import REPO, read_metrics
 from tl_lightning import slurm
 from tl_lightning.errors import TLError
 
+# one worker at a time on the local cluster under ``pytest -n`` (its two nodes, its daemons)
+pytestmark = pytest.mark.xdist_group("slurm_cluster")
+
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 
 

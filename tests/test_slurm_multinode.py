@@ -15,6 +15,9 @@ import torch
 from helpers import REPO, read_metrics
 from test_slurm import CLUSTER, job_field, requeue_and_wait, wait_for
 
+# one worker at a time on the local cluster under ``pytest -n`` (its two nodes, its daemons)
+pytestmark = pytest.mark.xdist_group("slurm_cluster")
+
 NODES = ("n1", "n2")
 
 
