@@ -1,10 +1,8 @@
 """Shared by the fault tests (issue 15): a small, fast quickstart fit and a subprocess runner for the CLI."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 from helpers import FAST, REPO
@@ -15,14 +13,10 @@ QUICK = ("--config", str(REPO / "configs/quickstart.yaml"), "--data.image_size=3
          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2", *FAST)
 
 
-def cli(*args, cwd=REPO, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m tl_lightning ARGS`` as a process of its own (stdout and stderr captured): forked from the
-    preloaded server (``helpers.launch``), or started from scratch for DDP, which relaunches the command line."""
-    if any(re.match(r"--trainer\.(strategy=ddp|devices=[2-9])", str(a)) for a in args):
-        full_env = dict(os.environ, **(env or {}))
-        return subprocess.run([sys.executable, "-m", "tl_lightning", *map(str, args)], cwd=cwd, capture_output=True,
-                              text=True, timeout=timeout, env=full_env)
-    return run_launched(*args, cwd=cwd, timeout=timeout, env=env)
+def cli(*args, cwd=REPO, timeout: float = 600, env: dict | None = None, unset=()) -> subprocess.CompletedProcess:
+    """``python -m tl_lightning ARGS`` as a process of its own, forked from the preloaded server
+    (``helpers.launch``), with stdout and stderr captured; ``env`` is added to the environment, ``unset`` removed."""
+    return run_launched(*args, cwd=cwd, timeout=timeout, env=env, unset=unset)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:

@@ -1,4 +1,6 @@
 """bench.adaptation's --rows: a full row name picks that row alone, a part of a name picks every row holding it."""
+import pytest
+
 from bench.adaptation import rows, selected
 
 NAMES = [r.name for r in rows()]
@@ -51,6 +53,7 @@ def test_code_version_changes_with_an_uncommitted_edit(tmp_path, monkeypatch):
     assert not provenance.same_code(None, clean)
 
 
+@pytest.mark.slow
 def test_resume_keeps_a_run_only_under_the_same_code(tmp_path, capsys):
     """bench.adaptation --resume: a finished run with the row's resolved configuration is kept under the same code,
     and run again when its recorded code differs from now's or was never recorded."""

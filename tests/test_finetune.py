@@ -5,15 +5,13 @@ by a real Lightning Trainer. A recording callback snapshots the weights after ev
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
+from fault_helpers import cli
 from helpers import FAST, REPO, read_metrics, run_cli
 from tl_lightning.backbones import create_backbone, layer_groups
 from tl_lightning.callbacks.results import BestCheckpoint
@@ -254,7 +252,7 @@ def test_cli_unfreeze_by_name(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_freeze_unfreeze(tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "tl_lightning", "fit", "--config", str(REPO / "configs/finetune/quickstart.yaml"),
+    cmd = ["fit", "--config", str(REPO / "configs/finetune/quickstart.yaml"),
            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.max_epochs=2",
            "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
            "--data.num_workers=0", *SMALL_DATA, "--model.unfreeze.unfreeze_at_epoch=1",
@@ -262,8 +260,7 @@ def test_ddp_two_cpu_processes_freeze_unfreeze(tmp_path):
            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
            f"--trainer.callbacks.dirpath={run / 'every_epoch'}", "--trainer.callbacks.save_top_k=-1",
            "--trainer.callbacks.filename={epoch}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = cli(*cmd, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = read_metrics(run)["history"]
     assert [row["lr/blocks.6"] > 0 for row in history] == [False, True]

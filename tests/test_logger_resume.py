@@ -6,11 +6,14 @@ import csv
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from fault_helpers import cli
 from test_wandb import _history, wandb_records
 from tl_lightning.callbacks.logger_resume import CHECKPOINT_KEY
+
+pytestmark = pytest.mark.slow
 
 QUICK = ("--config", "configs/quickstart.yaml", "--data.image_size=32", "--model.embedding=pooled",
          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=0",

@@ -8,14 +8,14 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import REPO
+from helpers.launch import Launched, launch
 
 TESTS = Path(__file__).resolve().parent
 
@@ -33,24 +33,24 @@ def _sweep_file(tmp_path: Path) -> Path:
     return path
 
 
-def _runner(sweep_file: Path, sweep_dir: Path, gate: dict) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TL_TEST_GATE")}
-    env.update(gate, PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, "-m", "tl_lightning", "sweep", str(sweep_file), "--dir", str(sweep_dir)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+def _runner(sweep_file: Path, sweep_dir: Path, gate: dict) -> Launched:
+    """The sweep runner in a session of its own (one ``killpg`` kills it and its trial)."""
+    unset = [k for k in os.environ if k.startswith("TL_TEST_GATE")]
+    env = dict(gate, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    return launch("sweep", sweep_file, "--dir", sweep_dir, env=env, unset=unset, new_session=True)
 
 
-def _kill_at_gate(proc: subprocess.Popen, reached: Path) -> None:
+def _kill_at_gate(proc: Launched, reached: Path) -> None:
     deadline = time.monotonic() + 900  # safety net; the handshake is the gate file
     while not reached.exists():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, "".join(proc.output())[-3000:]
         assert time.monotonic() < deadline, "the trial never reached the gate"
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and its trial, at once
     proc.wait()
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_continues_where_it_stopped(tmp_path):
     sweep_file, sweep_dir = _sweep_file(tmp_path), tmp_path / "sweep"
     trial0, trial1 = sweep_dir / "trial-00", sweep_dir / "trial-01"
@@ -71,7 +71,7 @@ def test_a_killed_sweep_continues_where_it_stopped(tmp_path):
 
     # 3. run again without a gate: trial-01 resumes from last.ckpt and finishes
     proc = _runner(sweep_file, sweep_dir, {})
-    out, _ = proc.communicate(timeout=900)
+    out = "".join(proc.communicate(timeout=900))
     assert proc.returncode == 0, out[-3000:]
     assert "1 trial(s) done, 1 to resume" in out and f"trial-01: resuming from {trial1 / 'checkpoints' / 'last.ckpt'}" in out
     assert "trial-00: " not in out.split("to resume", 1)[1].split("leaderboard")[0].replace("trial-00 |", "")

@@ -3,17 +3,15 @@ metrics and the plots the run logged (read back from W&B's own run file)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, read_metrics
+from fault_helpers import cli
+from helpers import read_metrics
 from tl_lightning.loggers import WandbLogger, has_api_key, server_reachable, wandb_mode
 
 _BLOCK = 32768  # W&B's run file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) records
@@ -109,17 +107,14 @@ def test_logger_goes_offline_and_drops_log_model(no_wandb_credentials, tmp_path)
     assert logger._wandb_init["dir"] == str(tmp_path)
 
 
+@pytest.mark.slow
 def test_offline_run_directory_holds_the_logged_metrics_and_plots(tmp_path):
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
-    env["NETRC"] = str(tmp_path / "no-netrc")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tl_lightning", "fit", "--config", "configs/quickstart.yaml",
-         "--config", "configs/logger/wandb.yaml", "--trainer.logger.init_args.tags=[test,offline]",
-         "--data.image_size=32", "--trainer.max_epochs=2", "--data.num_workers=0",
-         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-         f"--trainer.default_root_dir={run_dir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = cli("fit", "--config", "configs/quickstart.yaml", "--config", "configs/logger/wandb.yaml",
+               "--trainer.logger.init_args.tags=[test,offline]", "--data.image_size=32", "--trainer.max_epochs=2",
+               "--data.num_workers=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+               f"--trainer.default_root_dir={run_dir}", env={"NETRC": str(tmp_path / "no-netrc")},
+               unset=("WANDB_MODE", "WANDB_API_KEY"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "W&B: logging offline (no W&B API key" in proc.stdout + proc.stderr
 

@@ -5,8 +5,8 @@ arguments, and the fault tests start dozens of runs (stops, resumes, uninterrupt
 each run from one server process per pytest worker that has done those imports once (multiprocessing's
 ``forkserver``, preloaded with ``tl_lightning.cli``). Each run is still its own process: its own pid, arguments,
 working directory, environment, ``sys.path``, stdout and stderr, exit status, and real signals. Only the import is
-shared, so the tests of start-up itself (console noise), DDP relaunches, SLURM jobs and sweep trials keep starting
-``python -m tl_lightning`` from scratch.
+shared: the tests of start-up itself (console noise), the other DDP ranks (which DDP starts with the same command
+line), SLURM jobs and sweep trials still start ``python -m tl_lightning`` from scratch.
 """
 from __future__ import annotations
 
@@ -36,8 +36,11 @@ def _exit_code(err: SystemExit) -> int:
     return 1
 
 
-def _run(args: list[str], cwd: str, env: dict, out_path: str, err_path: str, base_path: list[str]) -> None:
+def _run(args: list[str], cwd: str, env: dict, out_path: str, err_path: str, base_path: list[str],
+         new_session: bool) -> None:
     """In the forked child: become ``python -m tl_lightning ARGS`` started in ``cwd`` with ``env``, then exit."""
+    if new_session:
+        os.setsid()
     for fd, path in ((1, out_path), (2, err_path)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
     os.chdir(cwd)
@@ -50,10 +53,14 @@ def _run(args: list[str], cwd: str, env: dict, out_path: str, err_path: str, bas
 
     if env.get("OMP_NUM_THREADS"):  # read at import by a fresh interpreter; the server imported torch earlier
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    from tl_lightning import __main__ as entry
+    import __main__
+    from importlib.util import find_spec
+
     from tl_lightning.cli import main
 
-    sys.argv = [entry.__file__, *args]
+    # what ``python -m tl_lightning`` sets, and what DDP reads to start the other ranks with the same command line
+    __main__.__spec__ = find_spec("tl_lightning.__main__")
+    sys.argv = [__main__.__spec__.origin, *args]
     code = 0
     try:
         main()
@@ -73,12 +80,12 @@ class Launched:
     """The part of ``subprocess.Popen`` the tests use (``pid``, ``poll``, ``wait``, ``send_signal``, ``kill``,
     ``communicate``, ``returncode``), for a run started by ``launch``; output is read when the run has ended."""
 
-    def __init__(self, args, cwd, env):
+    def __init__(self, args, cwd, env, new_session=False):
         self._dir, self._output = tempfile.mkdtemp(prefix="tl-launch-"), None
         self._out, self._err = os.path.join(self._dir, "stdout"), os.path.join(self._dir, "stderr")
         base = [p for p in sys.path if p not in _PYTEST_PATHS]
         self._process = _CONTEXT.Process(target=_run, args=([str(a) for a in args], str(cwd), dict(env), self._out,
-                                                             self._err, base))
+                                                             self._err, base, new_session))
         self._process.start()
         self.pid = self._process.pid
         self.args = ["python", "-m", "tl_lightning", *map(str, args)]
@@ -119,13 +126,16 @@ class Launched:
         return self.output()
 
 
-def launch(*args, cwd=REPO, env: dict | None = None) -> Launched:
-    """Start ``python -m tl_lightning ARGS`` (forked from the preloaded server) and return at once."""
-    return Launched(args, cwd, dict(os.environ, **(env or {})))
+def launch(*args, cwd=REPO, env: dict | None = None, unset=(), new_session: bool = False) -> Launched:
+    """Start ``python -m tl_lightning ARGS`` (forked from the preloaded server) and return at once: in ``cwd``, with
+    this process's environment plus ``env`` less ``unset``, in a session of its own if ``new_session``."""
+    full_env = {k: v for k, v in dict(os.environ, **(env or {})).items() if k not in unset}
+    return Launched(args, cwd, full_env, new_session)
 
 
-def run_launched(*args, cwd=REPO, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_launched(*args, cwd=REPO, timeout: float = 600, env: dict | None = None, unset=()) -> \
+        subprocess.CompletedProcess:
     """``launch`` and wait: a ``CompletedProcess`` with the exit status and the captured stdout and stderr."""
-    proc = launch(*args, cwd=cwd, env=env)
+    proc = launch(*args, cwd=cwd, env=env, unset=unset)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
