@@ -22,6 +22,8 @@ def _isolated_env(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    """Long tests (marked ``slow``) first, so that under ``pytest -n`` (``make test``) no worker starts one last
-    while the others sit idle; the order within each kind stays as collected (the same on every worker)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Long tests first, so that under ``pytest -n`` (``make test``) no worker starts one last while the others sit
+    idle: a group that one worker runs in turn (the SLURM cluster's), then the tests marked ``slow``, then the rest;
+    the order within each kind stays as collected (the same on every worker)."""
+    items.sort(key=lambda item: (item.get_closest_marker("xdist_group") is None,
+                                 item.get_closest_marker("slow") is None))

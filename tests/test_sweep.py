@@ -75,15 +75,15 @@ def test_invalid_sweep_file_names_the_bad_key(tmp_path):
 
 
 def _quick_sweep(tmp_path: Path, extra: dict) -> Path:
-    """A 2-point grid over the quickstart's learning rate at 32 px, 2 epochs."""
+    """A 2-point grid over the quickstart's learning rate at 32 px, 2 epochs, on pooled features."""
     config = {
         "method": "grid",
         "metric": {"name": "val/acc", "goal": "maximize"},
         "parameters": {"model.lr": {"values": [0.0003, 0.01]}},
         "command": ["${env}", "python", "-m", "tl_lightning", "fit", "--config", str(REPO / "configs/quickstart.yaml"),
-                    "--data.image_size=32", "--trainer.max_epochs=2", "--data.num_workers=0",
-                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                    "--trainer.logger=false", "${args}"],
+                    "--data.image_size=32", "--model.embedding=pooled", "--trainer.max_epochs=2",
+                    "--data.num_workers=0", "--trainer.enable_progress_bar=false",
+                    "--trainer.enable_model_summary=false", "--trainer.logger=false", "${args}"],
         **extra,
     }
     path = tmp_path / "quick.yaml"
