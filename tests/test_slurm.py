@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from fault_helpers import cli
 from helpers import REPO, read_metrics
 from tl_lightning import slurm
 from tl_lightning.errors import TLError
@@ -102,13 +102,13 @@ def test_submit_trains_requeues_and_resumes(cluster, tmp_path):
     has reached them, so the job can neither finish before the signal nor get it before its first checkpoint."""
     root, markers = tmp_path / "runs", tmp_path / "markers"
     epochs = 4
-    proc = subprocess.run(
-        [sys.executable, "-m", "tl_lightning", "submit", "--config", "configs/quickstart.yaml", "--devices", "2",
-         "--cpus-per-task", "1", "--time", "00:30:00", "--job-name", "tl-test-requeue", "--run-root", str(root),
-         "--data.image_size=32", f"--trainer.max_epochs={epochs}", "--data.num_workers=0",
-         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false",
-         "--trainer.callbacks+=tests.helpers.hold.HoldUntilSignal", f"--trainer.callbacks.marker_dir={markers}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = cli(  # submit itself runs forked (helpers.launch); the job's tasks start python -m tl_lightning
+        "submit", "--config", "configs/quickstart.yaml", "--devices", "2", "--cpus-per-task", "1", "--time", "00:30:00",
+        "--job-name", "tl-test-requeue", "--run-root", str(root), "--data.image_size=32", "--model.embedding=pooled",
+        f"--trainer.max_epochs={epochs}", "--data.num_workers=0", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--trainer.logger=false",
+        "--trainer.callbacks+=tests.helpers.hold.HoldUntilSignal", f"--trainer.callbacks.marker_dir={markers}",
+        timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
     run_dir, log = root / f"slurm-{job_id}", root / f"slurm-{job_id}.out"

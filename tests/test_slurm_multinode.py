@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO, read_metrics
+from fault_helpers import cli
+from helpers import read_metrics
 from test_slurm import CLUSTER, job_field, requeue_and_wait, wait_for
 
 # one worker at a time on the local cluster under ``pytest -n`` (its two nodes, its daemons)
@@ -51,8 +51,8 @@ def test_two_node_ddp_trains_requeues_and_both_nodes_resume(two_node_cluster, tm
     """Deterministic: ``HoldUntilSignal`` holds both ranks inside epoch 1 until SIGUSR1 has reached them."""
     root, markers, ranks = tmp_path / "runs", tmp_path / "markers", tmp_path / "ranks"
     epochs = 3
-    proc = subprocess.run(
-        [sys.executable, "-m", "tl_lightning", "submit", "--config", "configs/finetune/quickstart.yaml",
+    proc = cli(  # submit itself runs forked (helpers.launch); the job's tasks start python -m tl_lightning
+        *["submit", "--config", "configs/finetune/quickstart.yaml",
          "--nodes", "2", "--devices", "1", "--cpus-per-task", "1", "--time", "00:30:00",
          "--job-name", "tl-test-2nodes", "--run-root", str(root),
          "--data.image_size=32", f"--trainer.max_epochs={epochs}", f"--model.scheduler.init_args.T_max={epochs}",
@@ -60,7 +60,7 @@ def test_two_node_ddp_trains_requeues_and_both_nodes_resume(two_node_cluster, tm
          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false",
          "--trainer.callbacks+=tests.helpers.hold.HoldUntilSignal", f"--trainer.callbacks.marker_dir={markers}",
          "--trainer.callbacks+=tests.helpers.ranks.RecordRanks", f"--trainer.callbacks.out_dir={ranks}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
     run_dir, log = root / f"slurm-{job_id}", root / f"slurm-{job_id}.out"
