@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fault_helpers import cli
+from fault_helpers import cli, one_error
 from helpers import FAST, REPO, read_metrics, run_cli
 
 QUICK = ("--config", str(REPO / "configs/quickstart.yaml"), "--data.image_size=32", "--trainer.max_epochs=3",
@@ -100,6 +100,8 @@ def test_print_config_shows_the_layered_config():
     ("model:\n  init_args:\n    lr: [oops\n", "is not valid YAML: "),
     ("trainer:\n  max_epochz: 3\n", "does not accept option 'trainer.max_epochz'"),
     ("model:\n  init_args:\n    backbone: resnet5O\n", "unknown backbone 'resnet5O'"),
+    # a link target: the CLI fills it from the model's arguments and would silently write over this value
+    ("data:\n  init_args:\n    serve_features: {weights: none}\n", "data.serve_features is set from the model's"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, extra, message):
     bad = tmp_path / "bad.yaml"
@@ -111,3 +113,10 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, extra, message
     assert len(errors) == 1 and message in errors[0], out.stderr
     assert "Traceback" not in out.stderr
     assert not run_dir.exists()  # no run folder left behind
+
+
+@pytest.mark.parametrize("flag", ["--data.serve_features={weights: none}", "--data.init_args.backbone=resnet18"])
+def test_an_option_the_cli_fills_from_the_model_is_refused_on_the_command_line(tmp_path, capsys, flag):
+    line = one_error(capsys, "fit", *QUICK, flag, f"--trainer.default_root_dir={tmp_path / 'run'}")
+    assert "cannot be given (the command line (" in line and "remove it there" in line, line
+    assert not (tmp_path / "run").exists()

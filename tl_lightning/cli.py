@@ -31,7 +31,7 @@ from tl_lightning.errors import TLError
 from tl_lightning.loggers import place_loggers_in_run_dir
 from tl_lightning.methods.base import TransferModule
 from tl_lightning.parser_errors import explain as explain_parser_error
-from tl_lightning import atomic, checkpoint_args, run_folders
+from tl_lightning import atomic, checkpoint_args, link_targets, run_folders
 
 #: subcommands that are not Trainer entry points: name -> "module:function(argv)"
 EXTRA_COMMANDS = {
@@ -42,7 +42,6 @@ EXTRA_COMMANDS = {
 }
 
 CONFIG_FILE = "config.yaml"
-
 
 
 def served_features_request(model) -> Optional[dict]:
@@ -97,6 +96,7 @@ class TLCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        link_targets.refuse_given(self._argv)  # the links below would silently write over such a value
         super().parse_arguments(parser, args)
         command = self.config.get("subcommand")
         config = self.config[command] if command else self.config
