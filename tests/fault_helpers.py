@@ -1,4 +1,4 @@
-"""Shared by the fault tests (issue 15): a small, fast quickstart fit and a subprocess runner for the CLI."""
+"""Shared by the fault tests (issue 15): a small, fast quickstart fit and a process runner for the CLI."""
 from __future__ import annotations
 
 import re
@@ -13,10 +13,8 @@ QUICK = ("--config", str(REPO / "configs/quickstart.yaml"), "--data.image_size=3
          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2", *FAST)
 
 
-def cli(*args, cwd=REPO, timeout: float = 600, env: dict | None = None, unset=()) -> subprocess.CompletedProcess:
-    """``python -m tl_lightning ARGS`` as a process of its own, forked from the preloaded server
-    (``helpers.launch``), with stdout and stderr captured; ``env`` is added to the environment, ``unset`` removed."""
-    return run_launched(*args, cwd=cwd, timeout=timeout, env=env, unset=unset)
+#: ``python -m tl_lightning ARGS`` as a process of its own (forked, ``helpers.launch``), output captured
+cli = run_launched
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
