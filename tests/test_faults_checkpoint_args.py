@@ -93,3 +93,36 @@ def test_source_checkpoint_loads_with_weights_only(tmp_path):
     torch.save({"state_dict": {f"features.{k}": v for k, v in adapt.features.state_dict().items()} |
                 {f"classifier.{k}": v for k, v in adapt.classifier.state_dict().items()}}, good)
     assert load_source_model(str(good), adapt.features, adapt.classifier) is not None
+
+
+def test_feature_extraction_checkpoint_names_its_frozen_backbone_and_refuses_other_weights(feature_run, tmp_path,
+                                                                                        capsys):
+    """The checkpoint holds the head, not the 13.5 MB frozen backbone (``methods/lean_checkpoint.py``): loading
+    rebuilds the backbone from the model's arguments, bit-identical, and other weights stop with one sentence."""
+    import torch
+
+    from tl_lightning.backbones import create_backbone
+    from tl_lightning.errors import TLError
+    from tl_lightning.methods import FeatureExtraction
+
+    ckpt = feature_run / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert not any(key.startswith("extractor.model.") for key in saved["state_dict"])
+    head = {key[len("head."):]: value for key, value in saved["state_dict"].items() if key.startswith("head.")}
+    assert head and {"fne_mean", "fne_std"} <= set(saved["state_dict"])
+    bundled = create_backbone("tf_efficientnet_lite0", "bundled", num_classes=0).state_dict()
+    assert saved["frozen_backbone"]["weights"] == "bundled" and saved["frozen_backbone"]["tensors"] == len(bundled)
+    assert ckpt.stat().st_size < 1_000_000  # was 13.5 MB with the backbone in it
+
+    restored = FeatureExtraction.load_from_checkpoint(ckpt, map_location="cpu")
+    assert all(torch.equal(restored.extractor.model.state_dict()[key], value) for key, value in bundled.items())
+    assert all(torch.equal(restored.head.state_dict()[key], value) for key, value in head.items())
+
+    other = tmp_path / "other.pt"  # the same architecture, one tensor changed
+    torch.save(dict(bundled, **{"conv_stem.weight": bundled["conv_stem.weight"] * 1.01}), other)
+    with pytest.raises(TLError, match="trained on tf_efficientnet_lite0 with weights 'bundled'"):
+        FeatureExtraction.load_from_checkpoint(ckpt, map_location="cpu", weights=str(other))
+    msg = one_error(capsys, "test", *QUICK, f"--ckpt_path={ckpt}", f"--model.weights={other}",
+                    f"--trainer.default_root_dir={tmp_path / 't'}")
+    assert "this checkpoint was trained on tf_efficientnet_lite0 with weights 'bundled'" in msg
+    assert "--model.weights=bundled" in msg and not (tmp_path / "t" / "metrics.json").exists()

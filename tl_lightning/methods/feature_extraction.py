@@ -22,6 +22,7 @@ from tl_lightning.backbones import DEFAULT_BACKBONE, FeatureExtractor, frozen_ba
 from tl_lightning.errors import TLError
 from tl_lightning.methods.base import TransferModule, make_head
 from tl_lightning.methods.feature_inputs import FeatureInputs
+from tl_lightning.methods.lean_checkpoint import drop_backbone, refill_backbone
 from tl_lightning.methods.recipes import (AUTO, CANDIDATES, FNE_LAYERS, FNE_THRESHOLDS, RECIPES, Recipe, embed,
                                           parse_recipe, select_recipe, sweep_head)
 from tl_lightning.methods.shallow_heads import DEFAULT_C_GRID, DEFAULT_REG_GRID, fit_svm, refit
@@ -262,6 +263,8 @@ class FeatureExtraction(FeatureInputs, TransferModule):
         checkpoint["recipe_selection"] = self.recipe_selection
         if self.heldout_head is not None:
             checkpoint["heldout_head"] = {"weight": self.heldout_head[0], "bias": self.heldout_head[1]}
+        drop_backbone(checkpoint, self, self.extractor.model, self.backbone_name, self.weights,
+                      self.backbone_weights_id())  # the frozen backbone by identity (``lean_checkpoint``)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # runs before the state dict is loaded: an auto run's head must first take the chosen recipe's shape
@@ -272,6 +275,7 @@ class FeatureExtraction(FeatureInputs, TransferModule):
         self.recipe_selection = selection or self.recipe_selection
         heldout = checkpoint.get("heldout_head")
         self.heldout_head = (heldout["weight"], heldout["bias"]) if heldout else None
+        refill_backbone(checkpoint, self, self.extractor.model, self.backbone_weights_id())
 
     # ----- steps --------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Optional[torch.Tensor]:
