@@ -217,3 +217,36 @@ def test_compile_advice_only_when_a_long_eager_fit_repays_the_warm_up(tmp_path):
         advice[compiled] = callback.advice
     assert advice[True] is None
     assert advice[False] and "--model.init_args.compile=true" in advice[False]
+
+
+class _CountedImages(torch.utils.data.Dataset):
+    """40 tiny images; counts every fetch in a counter shared with the loader's worker processes."""
+
+    def __init__(self):
+        import multiprocessing
+
+        self.fetches = multiprocessing.get_context("fork").Value("i", 0)
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, index: int):
+        with self.fetches.get_lock():
+            self.fetches.value += 1
+        return torch.full((3, 8, 8), float(index)), index % 4
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_extraction_decodes_every_image_once_with_loader_workers(persistent):
+    """The extraction loop starts the loader once: its workers' prefetched batches are used, not discarded by a
+    second ``iter()`` (as tqdm.auto's wrapper did), so each image is decoded exactly once."""
+    from torch.utils.data import DataLoader
+
+    from tl_lightning.feature_cache import extract_features
+
+    images = _CountedImages()
+    loader = DataLoader(images, batch_size=8, num_workers=1, persistent_workers=persistent,
+                        multiprocessing_context="fork")
+    out = extract_features(torch.nn.Flatten(), loader, torch.device("cpu"))
+    assert images.fetches.value == 40
+    assert torch.equal(out["features"][:, 0], torch.arange(40, dtype=torch.float32))  # every image, in order

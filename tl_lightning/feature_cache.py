@@ -136,7 +136,9 @@ def extract_features(extractor: nn.Module, loader: DataLoader, device: torch.dev
     was_training = extractor.training
     extractor.eval()
     feats, targets = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    # one iterator: tqdm.auto's tqdm calls iter() on what it wraps and iterates it again, which with loader
+    # workers started them twice and threw away the batches they had decoded ahead
+    for x, y in tqdm(iter(loader), total=len(loader), desc=desc, leave=False, dynamic_ncols=True):
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
