@@ -402,3 +402,24 @@ def test_the_task_schedule_needs_loaders_rebuilt_every_epoch(tmp_path):
                         enable_progress_bar=False, default_root_dir=str(tmp_path))
     with pytest.raises(TLError, match="reload_dataloaders_every_n_epochs=1"):
         trainer.fit(model, datamodule=dm)
+
+
+def test_compile_advice_counts_the_task_sequence_not_lightnings_default_thousand_epochs(tmp_path):
+    """ICaRL leaves ``max_epochs`` unset (Lightning plans 1,000 epochs) and stops after its last task: the compile
+    tip must project the sequence's own batches, or it tells a 5-second fit it has minutes left."""
+    from tl_lightning.callbacks.compile_advice import CompileAdvice
+
+    dm = ClassIncrementalDataModule(DigitsDataModule(num_workers=0, samples_per_class=20, batch_size=8),
+                                    classes_per_task=2, class_order=[5, 3, 8, 0, 1, 7], eval_samples_per_class=10,
+                                    backbone="digit_cnn")
+    model = ICaRL(backbone="digit_cnn", weights="none", epochs_per_task=2, memory_budget=40, flip_nme=False,
+                  num_classes=dm.num_classes)
+    advice = CompileAdvice(probe_batches=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        reload_dataloaders_every_n_epochs=1, callbacks=[advice], default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=dm)
+    assert trainer.max_epochs == 1000 and trainer.current_epoch == model.planned_epochs == 6  # 3 tasks x 2
+    dm.set_task(0)
+    per_epoch = len(dm.train_dataloader())  # the first task's batches (the probe ran in it)
+    assert per_epoch == 5 and advice.left == 6 * per_epoch - 3  # the probe ended at the third batch

@@ -3,7 +3,8 @@
 ``torch.compile`` stays opt-in: its warm-up is long (204 s for EfficientNet-Lite0 on 2 CPU cores, measured by
 ``bench/perf.py``), and a short fit would lose time. After ``probe_batches`` training batches this callback times
 them, projects the time the fit has left, and prints the suggestion once, on rank 0, when compiled steps at the
-measured speed-up would save more than the warm-up costs. It reads only public trainer state.
+measured speed-up would save more than the warm-up costs. It reads only public trainer state, and the method's
+``planned_epochs`` where the method ends the fit itself.
 """
 from __future__ import annotations
 
@@ -28,12 +29,24 @@ def worth_compiling(step_s: float, batches_left: float, speedup: float = SPEEDUP
     return saved > 2 * warmup_s  # a margin: the speed-up differs between backbones and machines
 
 
+def batches_left(trainer: "L.Trainer", pl_module: "L.LightningModule", seen: int) -> float:
+    """Training batches the fit has left after ``seen``: the Trainer's plan, or the method's own when it ends the
+    fit itself (``planned_epochs``, e.g. ICaRL's tasks x epochs_per_task under Lightning's default 1,000
+    epochs)."""
+    total = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches
+    planned = getattr(pl_module, "planned_epochs", None)
+    if planned:
+        total = min(total, planned * trainer.num_training_batches)
+    return total - seen
+
+
 class CompileAdvice(L.Callback):
     """Times the first training batches of an eager fit and suggests ``compile`` when it would pay off."""
 
     def __init__(self, probe_batches: int = 20):
         self.probe_batches = probe_batches
         self.advice: Optional[str] = None
+        self.left: Optional[float] = None  # training batches left when the probe ended
         self._seen = 0
         self._started: Optional[float] = None
 
@@ -49,8 +62,7 @@ class CompileAdvice(L.Callback):
         if self._seen != self.probe_batches + 1 or getattr(pl_module, "compile_backbone", True):
             return
         step_s = (time.perf_counter() - self._started) / self.probe_batches
-        total = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches
-        left = total - self._seen
+        self.left = left = batches_left(trainer, pl_module, self._seen)
         if worth_compiling(step_s, left):
             self.advice = (f"tip: this fit has about {left * step_s / 60:.0f} min of training left at "
                            f"{step_s:.2f} s per batch; --model.init_args.compile=true ran steps {SPEEDUP}x faster "
