@@ -272,6 +272,10 @@ def test_cli_fit_stops_mid_sequence_and_resumes_in_the_same_task(tmp_path):
     inc = metrics["incremental"]
     assert inc["tasks_finished"] == 3 and inc["classes_seen"] == [2, 4, 6]
     assert metrics["epochs"] == 6
+    # no metric ranks the epochs (accuracy falls as classes arrive): the best checkpoint is last.ckpt itself,
+    # and no second copy of the same state is written every epoch
+    assert metrics["best_checkpoint"] == str(last)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     # task 1's evaluation and exemplars come from the checkpoint: the same numbers, the memory a prefix of it
     assert inc["cnn"]["accuracy_matrix"][0] == state["rows"]["cnn"][0]
     end = torch.load(last, map_location="cpu", weights_only=False)

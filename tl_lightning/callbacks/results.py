@@ -60,17 +60,26 @@ class BestCheckpoint(ModelCheckpoint):
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
 
+    @property
+    def latest_is_best(self) -> bool:
+        """No metric to rank by (``monitor`` None, e.g. ICaRL, whose accuracy falls as classes arrive): the best
+        checkpoint is the latest, so it is ``last.ckpt`` itself rather than a second copy of the same state."""
+        return self.monitor is None and self.save_top_k == 1 and self.write_last
+
     def on_validation_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if getattr(pl_module, "selectable", True):  # the top-k save (after validation, or at the epoch's end)
-            super().on_validation_end(trainer, pl_module)
+        if getattr(pl_module, "selectable", True) and not self.latest_is_best:
+            super().on_validation_end(trainer, pl_module)  # the top-k save (after validation, or at the epoch's end)
 
     def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if getattr(pl_module, "selectable", True):
+        selectable = getattr(pl_module, "selectable", True)
+        if selectable and not self.latest_is_best:
             super().on_train_epoch_end(trainer, pl_module)
         if self.write_last and not trainer.fast_dev_run and not trainer.sanity_checking:
             path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
             trainer.save_checkpoint(path, weights_only=self.save_weights_only)  # every rank: rank 0 writes
             self.last_model_path = path
+            if selectable and self.latest_is_best:
+                self.best_model_path = path
 
 
 def epoch_row(trainer: "L.Trainer", validated: bool) -> dict:
