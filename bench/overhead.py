@@ -1,11 +1,10 @@
 """Per-method overhead: a method's training step through the CLI's Trainer and callbacks vs a plain PyTorch loop
 that does the same work (same module, data loader, batch size, optimizers and thread count), interleaved.
 
-``bench/perf.py``'s ``overhead`` section calls :func:`bench_head_overhead` and
-:func:`bench_adaptation_overhead` beside its FineTune row.
+``bench/perf.py``'s ``overhead`` section calls :func:`bench_adaptation_overhead`, :func:`bench_icarl_overhead`
+and ``bench/overhead_head.py``'s :func:`bench_head_overhead` (FeatureExtraction's head on cached features) beside
+its FineTune row.
 
-* FeatureExtraction: a linear head trained over epochs on cached features (the feature cache filled first, so
-  both sides read the same tensors); the plain loop calls the module's own forward with AdamW.
 * ICaRL: the second task of the offline digits config (paper preset: sigmoid BCE with distillation targets
   from the frozen previous model), timed over that task's steps only; the plain loop forwards the same network
   and a frozen copy of it on the same task's loader and calls the same loss, with the module's own optimizer.
@@ -122,111 +121,6 @@ def plain_adaptation_steps_per_s(steps: int, warmup: int, batch_size: int) -> fl
         ends.append(time.perf_counter())
     timed = ends[warmup - 1:]
     return (len(timed) - 1) / (timed[-1] - timed[0])
-
-
-def head_args(root: str, cache_dir: str, epochs: int, batch_size: int) -> list[str]:
-    """FeatureExtraction with a linear head trained over epochs on cached EfficientNet-Lite0 features (digits)."""
-    return ["--model=tl_lightning.methods.FeatureExtraction", "--model.backbone=tf_efficientnet_lite0",
-            "--model.weights=bundled", "--model.embedding=pooled", f"--model.cache_dir={cache_dir}",
-            "--data=tl_lightning.data.DigitsDataModule", "--data.image_size=32", f"--data.batch_size={batch_size}",
-            "--data.num_workers=0", "--data.val_fraction=0.1", "--data.test_fraction=0.1",
-            f"--trainer.max_epochs={epochs}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-            "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}", "--seed_everything=0"]
-
-
-def tl_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> tuple[float, float]:
-    """(overall steps/s, median-step steps/s) through the CLI."""
-    timer = cli_timer(lambda root: head_args(root, cache_dir, epochs, batch_size), warmup)
-    return timer.steps_per_s, median_step_rate(timer.ends, warmup)
-
-
-def head_model_and_loader(cache_dir: str, epochs: int, batch_size: int):
-    """The CLI's FeatureExtraction module and a shuffled loader over its cached train features (warm cache)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from tl_lightning.cli import run_cli
-
-    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cli = run_cli(head_args(root, cache_dir, epochs, batch_size), run=False)
-    model, dm = cli.model, cli.datamodule
-    L.seed_everything(0, verbose=False)
-    dm.setup("fit")
-    feats = dm.feature_matrices("train")  # what the CLI's DataModule serves the module
-    return model, DataLoader(TensorDataset(feats[model.readout], feats["targets"]), batch_size=batch_size,
-                             shuffle=True)
-
-
-def plain_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> tuple[float, float]:
-    """The same head epochs in plain PyTorch: the module's own forward on the same cached features, AdamW."""
-    model, loader = head_model_and_loader(cache_dir, epochs, batch_size)
-    optimizer = torch.optim.AdamW(model.head.parameters(), lr=model.lr, weight_decay=model.weight_decay)
-    model.train()
-    ends: list[float] = []
-    for _ in range(epochs):
-        for x, y in loader:
-            loss = model.loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            ends.append(time.perf_counter())
-    timed = ends[warmup - 1:]
-    return (len(timed) - 1) / (timed[-1] - timed[0]), median_step_rate(ends, warmup)
-
-
-class _BareHead(L.LightningModule):
-    """The head's step alone in Lightning: no logging, no metrics, no callbacks (the loop's own floor)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx: int):
-        x, y = batch
-        return self.model.loss(self.model(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.head.parameters(), lr=self.model.lr, weight_decay=self.model.weight_decay)
-
-
-def bare_lightning_head_steps_per_s(cache_dir: str, epochs: int, warmup: int, batch_size: int) -> tuple[float, float]:
-    """The same head epochs in a bare Lightning Trainer (no logger, checkpoints, progress bar or callbacks)."""
-    from bench.perf import StepTimer
-
-    model, loader = head_model_and_loader(cache_dir, epochs, batch_size)
-    timer = StepTimer(warmup)
-    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                            default_root_dir=root)
-        trainer.fit(_BareHead(model), loader)
-    return timer.steps_per_s, median_step_rate(timer.ends, warmup)
-
-
-def bench_head_overhead(rounds: int = 5, epochs: int = 5, warmup: int = 5, batch_size: int = 32):
-    from bench.perf import Row, interleaved
-
-    sides = {"plain PyTorch": plain_head_steps_per_s, "bare Lightning": bare_lightning_head_steps_per_s,
-             "tl_lightning": tl_head_steps_per_s}
-    with tempfile.TemporaryDirectory() as cache_dir:
-        tl_head_steps_per_s(cache_dir, 1, 1, batch_size)  # fills the feature cache: all sides read it warm
-        runs, steady = split_steady({name: (lambda fn=fn: fn(cache_dir, epochs, warmup, batch_size))
-                                     for name, fn in sides.items()})
-        res = interleaved(runs, rounds)
-    tl, plain, ratio, per_round = ratios(res, "tl_lightning")
-    _, _, bare_ratio, bare_rounds = ratios(res, "bare Lightning")
-    _, _, step_ratio, _ = ratios(steady, "tl_lightning")
-    _, _, bare_step_ratio, _ = ratios(steady, "bare Lightning")
-    return [Row("overhead", f"FeatureExtraction head epochs on cached features, tl_lightning / plain PyTorch "
-                f"(linear head on 1280-d tf_efficientnet_lite0 features, batch {batch_size}, {epochs} epochs, "
-                f"{torch.get_num_threads()} threads)", tl, plain, "steps/s", ratio, "<= 1.05",
-                f"median of {rounds} rounds: {per_round}. Steady step alone (median step time, without the "
-                f"epoch-end checkpoint): {step_ratio:.2f}. A bare Lightning Trainer (no logging, metrics, "
-                f"checkpoints or callbacks) on the same step: {bare_ratio:.2f} ({bare_rounds}), steady step "
-                f"{bare_step_ratio:.2f}", ratio <= 1.05,
-                extra={"steady_step_ratio": step_ratio, "bare_lightning_ratio": bare_ratio,
-                       "bare_lightning_steady_step_ratio": bare_step_ratio})]
 
 
 def split_steady(runs: dict[str, Callable[[], tuple[float, float]]]) -> tuple[dict, dict[str, list[float]]]:

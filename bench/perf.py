@@ -237,7 +237,8 @@ def bench_overhead(size: Size) -> list[Row]:
     per_round = [p / t for p, t in zip(res["plain PyTorch"], res["tl_lightning"])]  # time per step, tl / plain
     ratio = median(per_round)  # each round's pair ran back to back: the median of their ratios
     rounds = ", ".join(f"{r:.3f}" for r in per_round)
-    from bench.overhead import bench_adaptation_overhead, bench_head_overhead, bench_icarl_overhead
+    from bench.overhead import bench_adaptation_overhead, bench_icarl_overhead
+    from bench.overhead_head import bench_head_overhead
 
     where = torch.cuda.get_device_name() if size.device == "cuda" else f"{torch.get_num_threads()} threads"
     rows = [Row("overhead", f"FineTune step time, tl_lightning / plain PyTorch ({size.backbone}, "
