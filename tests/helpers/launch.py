@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import weakref
 from pathlib import Path
 
 from .cli import REPO
@@ -82,6 +83,8 @@ class Launched:
 
     def __init__(self, args, cwd, env, new_session=False):
         self._dir, self._output = tempfile.mkdtemp(prefix="tl-launch-"), None
+        # removed once the output is read, or when this object goes (a run whose output no test reads)
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         self._out, self._err = os.path.join(self._dir, "stdout"), os.path.join(self._dir, "stderr")
         base = [p for p in sys.path if p not in _PYTEST_PATHS]
         self._process = _CONTEXT.Process(target=_run, args=([str(a) for a in args], str(cwd), dict(env), self._out,
@@ -113,7 +116,7 @@ class Launched:
         """The run's stdout and stderr (read once the run has ended; its temporary folder is then removed)."""
         if self._output is None:
             self._output = tuple(Path(p).read_text(errors="replace") for p in (self._out, self._err))
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._remove_dir()
         return self._output
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
