@@ -2,11 +2,11 @@
 
     nice -n 10 python -m bench.datasets [--quick] [--data-root ../shared/data]
 
-1. Feature-extraction test accuracy (``FeatureExtraction``: frozen bundled ImageNet EfficientNet-Lite0,
-   penultimate features, linear head, AdamW, last epoch's weights) on the real data in ``../shared/data``:
-   the CUB-200-2011 10-class subset at 224 px (official split: 270 train / 30 val carved / 243 test) and an
-   MNIST subset at 64 px (``--mnist-train`` per-class-balanced training digits from the official train set,
-   ``--mnist-test`` stratified test digits from the official test set).
+1. Feature-extraction test accuracy of the shipped configs on the real data in ``../shared/data``, each run
+   through the CLI as the README says (``bench/common.py``: one process per row, wall time and peak PSS):
+   ``configs/feature_extraction/cub200.yaml`` (the CUB-200-2011 10-class subset, official split, its recipe chosen
+   on validation) and ``configs/feature_extraction/mnist.yaml`` (a balanced MNIST training subset, the official
+   test set; ``--quick`` trains on fewer digits).
 2. Train-loader throughput (img/s, with training augmentation on, as fine-tuning reads it every epoch) of every
    DataModule at its config's input size, single-process and with the default worker count, beside the
    backbone's forward throughput (eval mode, no grad) at the same size and batch, measured in the same run.
@@ -24,47 +24,51 @@ import platform
 import tempfile
 import time
 
-import lightning as L
 import numpy as np
 import torch
 
-from bench.memory import PeakPSS, supported
+from pathlib import Path
 
+from bench.common import run
 from tl_lightning.backbones import DEFAULT_BACKBONE, create_backbone
 from tl_lightning.data import (CUB200DataModule, Flowers102DataModule, MNISTDataModule, MNISTMDataModule,
                                SVHNDataModule, VOC2007DataModule)
-from tl_lightning.data.base import default_num_workers, stratified_split
-from tl_lightning.methods.feature_extraction import FeatureExtraction
+from tl_lightning.data.base import default_num_workers
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def accuracy_run(dm, epochs: int, cache_dir: str, lr: float = 3e-3) -> dict:
-    """Train a linear head on frozen Lite0 features (``dm`` serves them, built with the model's
-    ``served_features``); test accuracy of the last epoch's weights."""
-    L.seed_everything(0, verbose=False)
-    dm.setup()
-    model = FeatureExtraction(backbone=DEFAULT_BACKBONE, weights="bundled", num_classes=dm.num_classes,
-                              class_names=dm.class_names, lr=lr, weight_decay=1e-4, cache_dir=cache_dir)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    start = time.perf_counter()
-    with PeakPSS(os.getpid()) as pss:  # this process and its loader workers
-        trainer.fit(model, datamodule=dm)
-        test = trainer.test(model, datamodule=dm, verbose=False)[0]
-    sizes = {k: len(v) for k, v in dm.splits.items()}
-    return {"acc": test["test/acc"], "sizes": sizes, "seconds": time.perf_counter() - start,
-            "peak_pss_mb": round(pss.peak / 2**20) if supported() else None}
+ACCURACY_ROWS = (  # (data set, config, its data folder under --data-root, the data it reads, quick overrides)
+    ("CUB-200-2011, 10-class subset", "configs/feature_extraction/cub200.yaml", "CUB_200_2011_subset10",
+     "official split: 300 train (20% carved for validation), 243 test", ()),
+    ("MNIST", "configs/feature_extraction/mnist.yaml", "MNIST",
+     "500 training digits per class (10% carved for validation; --quick: 50), the official 10,000 test digits",
+     ("--data.init_args.samples_per_class=50",)),
+)
 
 
-def limit_eval_splits(dm, n_test: int, n_val: int) -> None:
-    """Keep a stratified ``n_test`` of the test split and ``n_val`` of validation (a CPU-sized MNIST run)."""
-    dm.setup()
-    for split, n in (("test", n_test), ("val", n_val)):
-        ds = dm.splits[split]
-        if n < len(ds):
-            _, keep = stratified_split(ds.targets, n / len(ds), seed=0)
-            dm.splits[split] = ds.subset(keep)
+def accuracy_rows(data_root: str, work: Path, quick: bool) -> list[str]:
+    """The shipped feature-extraction configs of the real data sets through the CLI: a table of test accuracy."""
+    lines = ["## Feature-extraction test accuracy of the shipped configs (real data)", "",
+             "Each row is `python -m tl_lightning fit --config CONFIG --data.init_args.data_dir=DIR` (fit, then the "
+             "CLI's test of the checkpoint the config names), one process per row, on a cold feature cache; wall "
+             "time = the whole command.", "",
+             "| data set | config | data | chosen / fitted | test accuracy | wall time | peak PSS |",
+             "|---|---|---|---|---|---|---|"]
+    for name, config, folder, split, quick_overrides in ACCURACY_ROWS:
+        data_dir = Path(data_root) / folder
+        if not data_dir.exists():
+            lines.append(f"| {name} | `{config}` | - | - | not run: {data_dir} is missing | - | - |")
+            continue
+        run_dir = work / Path(config).stem
+        m = run([config], [f"--data.init_args.data_dir={data_dir.resolve()}", *(quick_overrides if quick else ())],
+                run_dir, env={"TL_LIGHTNING_CACHE": str(work / "cache")})
+        chosen = (m.get("summary") or {}).get("recipe") or (m.get("head_fit") or {}).get("head") or "linear head"
+        pss = m["bench"]["peak_pss_mb"]
+        lines.append(f"| {name} | `{config}`{' (quick)' if quick and quick_overrides else ''} | {split} | {chosen} | "
+                     f"{100 * m['metrics']['test/acc']:.1f}% | {m['bench']['wall_s']:.0f} s | "
+                     f"{pss if pss is not None else '-'} MB |")
+    return lines + [""]
 
 
 def loader_throughput(dm, workers: int, seconds: float) -> tuple[float, float]:
@@ -138,12 +142,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller subsets and shorter timings (~3 minutes)")
     parser.add_argument("--data-root", default=os.path.join("..", "shared", "data"))
-    parser.add_argument("--mnist-train", type=int, default=2000)
-    parser.add_argument("--mnist-test", type=int, default=1000)
     parser.add_argument("--skip-accuracy", action="store_true")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.mnist_train, args.mnist_test = 500, 300
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     os.makedirs(RESULTS, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bench_datasets_")
@@ -156,28 +156,10 @@ def main(argv=None) -> None:
              f"(shared with other jobs), torch {torch.__version__}, {torch.get_num_threads()} threads; "
              f"backbone {DEFAULT_BACKBONE} (bundled ImageNet weights).", ""]
 
-    # ----- 1. feature-extraction accuracy on real data ----------------------------------------------------------
+    # ----- 1. feature-extraction accuracy of the shipped configs on real data ----------------------------------
     if not args.skip_accuracy:
-        common = dict(cache_dir=cache, num_workers=default_num_workers(), persistent_workers=False,
-                      serve_features=FeatureExtraction.served_features(weights="bundled", cache_dir=cache))
-        cub = CUB200DataModule(data_dir=real["cub"], batch_size=32, **common)
-        cub_res = accuracy_run(cub, epochs=40 if not args.quick else 20, cache_dir=cache)
-        mnist = MNISTDataModule(data_dir=real["mnist"], image_size=64, batch_size=64,
-                                samples_per_class=args.mnist_train // 10, val_fraction=0.02, **common)
-        limit_eval_splits(mnist, args.mnist_test, n_val=min(300, args.mnist_test))
-        mnist_res = accuracy_run(mnist, epochs=30 if not args.quick else 15, cache_dir=cache)
-        lines += ["## Feature-extraction test accuracy (real data)", "",
-                  "Frozen Lite0, penultimate features (1280-d), linear head (AdamW, lr 3e-3, weight decay 1e-4), "
-                  "features extracted once and cached; test accuracy of the last epoch's head.", "",
-                  "| data set | input | train / val / test | epochs | test accuracy | wall time | peak PSS |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, res, size, epochs in (("CUB-200-2011, 10-class subset", cub_res, "224 px", 40 if not args.quick else 20),
-                                        ("MNIST subset", mnist_res, "64 px", 30 if not args.quick else 15)):
-            s = res["sizes"]
-            lines.append(f"| {name} | {size} | {s['train']} / {s['val']} / {s['test']} | {epochs} | "
-                         f"{100 * res['acc']:.1f}% | {res['seconds']:.0f} s | {res['peak_pss_mb'] or '-'} MB |")
-        lines.append("")
-        print("\n".join(lines[-6:]), flush=True)
+        lines += accuracy_rows(root, Path(tmp), args.quick)
+        print("\n".join(lines[-(len(ACCURACY_ROWS) + 2):]), flush=True)
 
     # ----- 2. train-loader throughput vs backbone forward -------------------------------------------------------
     fixtures = scaled_fixtures(os.path.join(tmp, "fixtures"), args.quick)
