@@ -562,12 +562,16 @@ def fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
 
 
-def write_report(rows: list[Row], size: Size, quick: bool, seconds: float, tag: str) -> Path:
+def write_report(rows: list[Row], size: Size, quick: bool, seconds: float, tag: str,
+                 measured: Optional[list[str]] = None) -> Path:
+    """``measured``: the sections this run measured when the others' rows are kept from the previous report."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    ran = (f"sections {', '.join(measured)} measured in this run ({seconds / 60:.1f} min), the other rows kept "
+           "from the previous report" if measured else f"{seconds / 60:.1f} min in all")
     lines = [f"# Performance ({'--quick' if quick else 'full'} run)", "",
              f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}, lightning {L.__version__}, "
-             f"{torch.get_num_threads()} threads; {seconds / 60:.1f} min in all. Each ratio compares two runs "
-             "made side by side in this run (interleaved rounds, median).", "",
+             f"{torch.get_num_threads()} threads; {ran}. Each ratio compares two runs made side by side in one "
+             "run (interleaved rounds, median).", "",
              "| section | measurement | measured | reference | unit | ratio | target | met | note |",
              "|---|---|---:|---:|---|---:|---|---|---|"]
     for r in rows:
@@ -654,7 +658,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         rows += BENCHES[name](size)
         print(f"   {time.perf_counter() - t:.0f} s", flush=True)
         merged = sorted(kept + rows, key=lambda r: SECTIONS.index(r.section))
-        path = write_report(merged, size, args.quick, time.perf_counter() - start, tag)  # after every section
+        path = write_report(merged, size, args.quick, time.perf_counter() - start, tag,  # after every section
+                            measured=only if kept else None)
     print(path.read_text())
 
 
