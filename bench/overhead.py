@@ -48,6 +48,20 @@ def adaptation_args(root: str, steps: int, batch_size: int) -> list[str]:
             "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}", "--seed_everything=0"]
 
 
+def plain_step(optimizer, loss: torch.Tensor, ends: list[float]) -> None:
+    """One optimizer step of a plain loop on ``loss``; its end time goes to ``ends``."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    ends.append(time.perf_counter())
+
+
+def loop_rates(ends: list[float], warmup: int) -> tuple[float, float]:
+    """(overall steps/s after ``warmup`` steps, median-step steps/s) of a plain loop's step end times."""
+    timed = ends[warmup - 1:]
+    return (len(timed) - 1) / (timed[-1] - timed[0]), median_step_rate(ends, warmup)
+
+
 def cli_steps_per_s(make_args: Callable[[str], list[str]], warmup: int) -> float:
     """Steps/s of a fit through the CLI's Trainer and callbacks (``run=False``, then ``fit`` with a StepTimer);
     ``make_args(root)`` gives the arguments for a temporary run folder."""
@@ -231,13 +245,8 @@ def plain_icarl_steps_per_s(epochs_per_task: int, warmup: int) -> tuple[float, f
             logits = model.net(x)[:, :seen]
             with torch.no_grad():
                 old_logits = previous(x)[:, :old]
-            loss = icarl_loss(logits, y, old_logits, old)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            ends.append(time.perf_counter())
-    timed = ends[warmup - 1:]
-    return (len(timed) - 1) / (timed[-1] - timed[0]), median_step_rate(ends, warmup)
+            plain_step(optimizer, icarl_loss(logits, y, old_logits, old), ends)
+    return loop_rates(ends, warmup)
 
 
 def bench_icarl_overhead(rounds: int = 5, epochs_per_task: int = 3, warmup: int = 3):

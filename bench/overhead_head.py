@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-import time
 from typing import Callable
 
 import lightning as L
 import torch
 
-from bench.overhead import cli_timer, median_step_rate, ratios, split_steady
+from bench.overhead import cli_timer, loop_rates, median_step_rate, plain_step, ratios, split_steady
 
 QUICKSTART = "configs/quickstart.yaml"
 _RUN = ["--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.accelerator=cpu",
@@ -79,13 +78,8 @@ def plain_head_steps_per_s(case: str, cache_dir: str, epochs: int, warmup: int) 
     ends: list[float] = []
     for _ in range(epochs):
         for x, y in loader:
-            loss = model.loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            ends.append(time.perf_counter())
-    timed = ends[warmup - 1:]
-    return (len(timed) - 1) / (timed[-1] - timed[0]), median_step_rate(ends, warmup)
+            plain_step(optimizer, model.loss(model(x), y), ends)
+    return loop_rates(ends, warmup)
 
 
 class _BareHead(L.LightningModule):
