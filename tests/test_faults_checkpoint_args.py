@@ -126,3 +126,6 @@ def test_feature_extraction_checkpoint_names_its_frozen_backbone_and_refuses_oth
                     f"--trainer.default_root_dir={tmp_path / 't'}")
     assert "this checkpoint was trained on tf_efficientnet_lite0 with weights 'bundled'" in msg
     assert "--model.weights=bundled" in msg and not (tmp_path / "t" / "metrics.json").exists()
+    # used as another model's backbone weights, the head-only checkpoint names the weights to pass instead
+    with pytest.raises(TLError, match="holds a FeatureExtraction head, not backbone tensors.*--model.weights=bundled"):
+        create_backbone("tf_efficientnet_lite0", str(ckpt), num_classes=0)

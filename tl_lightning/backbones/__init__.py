@@ -53,6 +53,11 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise TLError(f"could not read checkpoint '{path}' ({e.__class__.__name__}); is it a torch state dict?") from e
+    if isinstance(state, dict) and state.get("frozen_backbone"):  # a FeatureExtraction checkpoint: the head only
+        frozen = state["frozen_backbone"]
+        raise TLError(f"checkpoint '{path}' holds a FeatureExtraction head, not backbone tensors: its frozen backbone "
+                      f"is {frozen['backbone']} with weights '{frozen['weights']}', so pass "
+                      f"--model.weights={frozen['weights']} instead.")
     if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
         state = state["state_dict"]
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
