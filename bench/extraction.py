@@ -87,7 +87,7 @@ def raw_forward_images_per_s(image_size: int, batch_size: int, batches: int) -> 
 
 
 def bench_extraction(image_size: int = 224, batch_size: int = 32, rounds: int = 2) -> list:
-    from bench.perf import Row, interleaved
+    from bench.perf_common import Row, interleaved
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

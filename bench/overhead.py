@@ -77,7 +77,7 @@ def median_step_rate(ends: list[float], warmup: int) -> float:
 
 def cli_timer(make_args: Callable[[str], list[str]], warmup: int):
     """The StepTimer of a fit through the CLI's Trainer and callbacks."""
-    from bench.perf import StepTimer
+    from bench.perf_common import StepTimer
     from tl_lightning.cli import run_cli
 
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
@@ -161,13 +161,13 @@ def ratios(res: dict[str, list[float]], ours: str) -> tuple[float, float, float,
 
 def side_by_side(runs: dict[str, Callable[[], float]], rounds: int) -> tuple[float, float, float, str]:
     """(tl steps/s, plain steps/s, median time ratio tl/plain, per-round ratios) from interleaved rounds."""
-    from bench.perf import interleaved
+    from bench.perf_common import interleaved
 
     return ratios(interleaved(runs, rounds), "tl_lightning")
 
 
 def bench_adaptation_overhead(rounds: int = 5, steps: int = 40, warmup: int = 5, batch_size: int = 64):
-    from bench.perf import Row
+    from bench.perf_common import Row
 
     tl, plain, ratio, per_round = side_by_side({
         "plain PyTorch": lambda: plain_adaptation_steps_per_s(steps, warmup, batch_size),
@@ -250,7 +250,7 @@ def plain_icarl_steps_per_s(epochs_per_task: int, warmup: int) -> tuple[float, f
 
 
 def bench_icarl_overhead(rounds: int = 5, epochs_per_task: int = 3, warmup: int = 3):
-    from bench.perf import Row, interleaved
+    from bench.perf_common import Row, interleaved
 
     runs, steady = split_steady({"plain PyTorch": lambda: plain_icarl_steps_per_s(epochs_per_task, warmup),
                                  "tl_lightning": lambda: tl_icarl_steps_per_s(epochs_per_task, warmup)})

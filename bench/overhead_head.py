@@ -99,7 +99,7 @@ class _BareHead(L.LightningModule):
 
 def bare_lightning_head_steps_per_s(case: str, cache_dir: str, epochs: int, warmup: int) -> tuple[float, float]:
     """The same head epochs in a bare Lightning Trainer (no logger, checkpoints, progress bar or callbacks)."""
-    from bench.perf import StepTimer
+    from bench.perf_common import StepTimer
 
     model, loader = head_model_and_loader(case, cache_dir, epochs)
     timer = StepTimer(warmup)
@@ -121,7 +121,7 @@ def describe(case: str, cache_dir: str, epochs: int) -> str:
 
 
 def bench_head_overhead(rounds: int = 5, epochs: int = 5, warmup: int = 5, cases=("shipped", "small")):
-    from bench.perf import Row, interleaved
+    from bench.perf_common import Row, interleaved
 
     sides = {"plain PyTorch": plain_head_steps_per_s, "bare Lightning": bare_lightning_head_steps_per_s,
              "tl_lightning": tl_head_steps_per_s}
