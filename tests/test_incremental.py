@@ -427,3 +427,16 @@ def test_compile_advice_counts_the_task_sequence_not_lightnings_default_thousand
     dm.set_task(0)
     per_epoch = len(dm.train_dataloader())  # the first task's batches (the probe ran in it)
     assert per_epoch == 5 and advice.left == 6 * per_epoch - 3  # the probe ended at the third batch
+
+
+def test_cli_plans_the_task_sequence_as_max_epochs_when_the_config_leaves_it_unset(tmp_path):
+    """The progress bar and the planned batches count tasks x epochs_per_task (3 x 2 here), not Lightning's
+    default 1,000 epochs; a max_epochs the config gives is kept (it stops mid-sequence, as documented)."""
+    from tl_lightning.cli import run_cli as build
+
+    planned = build([*DIGITS, *FAST, f"--trainer.default_root_dir={tmp_path / 'a'}"], run=False)
+    assert planned.trainer.max_epochs == 6 and planned.datamodule.num_tasks == 3
+    assert planned.trainer.estimated_stepping_batches < 6 * 100  # was 1,000 epochs' worth
+    given = build([*DIGITS, *FAST, f"--trainer.default_root_dir={tmp_path / 'b'}", "--trainer.max_epochs=3"],
+                  run=False)
+    assert given.trainer.max_epochs == 3

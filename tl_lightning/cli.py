@@ -25,6 +25,7 @@ from tl_lightning.callbacks.predictions import PredictionWriter
 from tl_lightning.callbacks.random_state import RandomState
 from tl_lightning.callbacks.requeue import Requeued, SLURMRequeue
 from tl_lightning.callbacks.results import BestCheckpoint, ResultsWriter, run_checkpoint
+from tl_lightning.callbacks.task_schedule import sequence_epochs
 from tl_lightning.backbones import check_backbone_name
 from tl_lightning.console import CompactModelSummary, quiet_expected_noise
 from tl_lightning.errors import TLError
@@ -156,6 +157,9 @@ class TLCLI(LightningCLI):
         if summary is not None:  # ours in place of Lightning's, on unless the config turns summaries off
             summary.enabled = trainer_config.get("enable_model_summary") is not False
             kwargs["enable_model_summary"] = False
+        planned = sequence_epochs(self.model, self.datamodule)  # ICaRL's tasks x epochs_per_task
+        if planned and trainer_config.get("max_epochs") is None and trainer_config.get("max_steps") in (None, -1):
+            kwargs.setdefault("max_epochs", planned)
         if not trainer_config.get("plugins"):
             kwargs.setdefault("plugins", [atomic.AtomicCheckpointIO()])  # checkpoints written atomically
         return super().instantiate_trainer(**kwargs)

@@ -20,7 +20,7 @@ epoch's stops the run with one sentence instead of training on the wrong classes
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -51,6 +51,14 @@ class TaskData(Protocol):
     num_tasks: int
 
     def set_task(self, task: int, memory_positions=None) -> None: ...
+
+
+def sequence_epochs(model, datamodule) -> Optional[int]:
+    """Epochs of a whole class-incremental task sequence (``epochs_per_task`` x the DataModule's tasks), or None
+    for other methods: the CLI makes it the Trainer's ``max_epochs`` when the config leaves that unset, so the
+    progress bar and the planned batches count the sequence rather than Lightning's default 1,000 epochs."""
+    epochs, tasks = getattr(model, "epochs_per_task", None), getattr(datamodule, "num_tasks", None)
+    return epochs * tasks if isinstance(epochs, int) and isinstance(tasks, int) else None
 
 
 class TaskSchedule(Callback):
