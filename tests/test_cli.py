@@ -96,6 +96,21 @@ def test_print_config_shows_the_layered_config():
         or isinstance(cfg["model"]["init_args"]["num_classes"], int)
 
 
+def test_a_forked_run_resolves_the_same_config_as_a_fresh_interpreter():
+    """The suite forks its runs from a preloaded server (``helpers.launch``): what they resolve (defaults read from
+    the environment, sys.argv, the working directory, links) must be what ``python -m tl_lightning`` resolves."""
+    import subprocess
+    import sys
+
+    args = ("fit", "--config", "configs/quickstart.yaml", "--model.lr=0.5", "--print_config")
+    forked = cli(*args)
+    fresh = subprocess.run([sys.executable, "-m", "tl_lightning", *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert forked.returncode == fresh.returncode == 0, fresh.stderr[-2000:]
+    assert yaml.safe_load(forked.stdout) == yaml.safe_load(fresh.stdout)
+    assert yaml.safe_load(fresh.stdout)["model"]["init_args"]["lr"] == 0.5
+
+
 @pytest.mark.parametrize("extra, message", [
     ("model:\n  init_args:\n    lr: [oops\n", "is not valid YAML: "),
     ("trainer:\n  max_epochz: 3\n", "does not accept option 'trainer.max_epochz'"),
