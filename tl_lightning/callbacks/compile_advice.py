@@ -3,8 +3,8 @@
 ``torch.compile`` stays opt-in: its warm-up is long (204 s for EfficientNet-Lite0 on 2 CPU cores, measured by
 ``bench/perf.py``), and a short fit would lose time. After ``probe_batches`` training batches this callback times
 them, projects the time the fit has left, and prints the suggestion once, on rank 0, when compiled steps at the
-measured speed-up would save more than the warm-up costs. It reads only public trainer state, and the method's
-``planned_epochs`` where the method ends the fit itself.
+measured speed-up would save more than the warm-up costs. It reads only public trainer state, and the task
+sequence's length where the method ends the fit itself (``task_schedule.sequence_epochs``).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+
+from tl_lightning.callbacks.task_schedule import sequence_epochs
 
 #: measured on CPU by bench/perf.py (FineTune, EfficientNet-Lite0): steps/s compiled / eager, and the warm-up
 SPEEDUP = 2.8
@@ -30,11 +32,11 @@ def worth_compiling(step_s: float, batches_left: float, speedup: float = SPEEDUP
 
 
 def batches_left(trainer: "L.Trainer", pl_module: "L.LightningModule", seen: int) -> float:
-    """Training batches the fit has left after ``seen``: the Trainer's plan, or the method's own when it ends the
-    fit itself (``planned_epochs``, e.g. ICaRL's tasks x epochs_per_task under Lightning's default 1,000
-    epochs)."""
+    """Training batches the fit has left after ``seen``: the Trainer's plan, or the task sequence's when the method
+    ends the fit itself (``task_schedule.sequence_epochs``: ICaRL's tasks x epochs_per_task, where a Trainer built
+    without ``max_epochs`` plans Lightning's default 1,000)."""
     total = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches
-    planned = getattr(pl_module, "planned_epochs", None)
+    planned = sequence_epochs(pl_module, trainer.datamodule)
     if planned:
         total = min(total, planned * trainer.num_training_batches)
     return total - seen

@@ -149,11 +149,6 @@ class ICaRL(TaskEnd, IncrementalReport, TransferModule):
         return min(self.finished, self.dm.num_tasks - 1)
 
     @property
-    def planned_epochs(self) -> int:
-        """Epochs of the whole task sequence: ``TaskSchedule`` stops the fit after them."""
-        return self.epochs_per_task * self.dm.num_tasks
-
-    @property
     def monitor(self) -> tuple[Optional[str], str]:
         return None, "max"  # accuracy falls as classes arrive: the checkpoint to keep is the latest
 
