@@ -264,7 +264,7 @@ class FeatureExtraction(FeatureInputs, TransferModule):
         if self.heldout_head is not None:
             checkpoint["heldout_head"] = {"weight": self.heldout_head[0], "bias": self.heldout_head[1]}
         drop_backbone(checkpoint, self, self.extractor.model, self.backbone_name, self.weights,
-                      self.backbone_weights_id())  # the frozen backbone by identity (``lean_checkpoint``)
+                      self.backbone_weights_id)  # the frozen backbone by identity (``lean_checkpoint``)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # runs before the state dict is loaded: an auto run's head must first take the chosen recipe's shape
@@ -275,7 +275,7 @@ class FeatureExtraction(FeatureInputs, TransferModule):
         self.recipe_selection = selection or self.recipe_selection
         heldout = checkpoint.get("heldout_head")
         self.heldout_head = (heldout["weight"], heldout["bias"]) if heldout else None
-        refill_backbone(checkpoint, self, self.extractor.model, self.backbone_weights_id())
+        refill_backbone(checkpoint, self, self.extractor.model, self.backbone_weights_id)
 
     # ----- steps --------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Optional[torch.Tensor]:

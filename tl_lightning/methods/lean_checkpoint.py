@@ -13,6 +13,8 @@ Lightning calls ``on_load_checkpoint`` before it loads the state dict, both when
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from tl_lightning.errors import TLError
@@ -30,8 +32,9 @@ def _prefix(owner: nn.Module, backbone: nn.Module) -> str:
 
 
 def drop_backbone(checkpoint: dict, owner: nn.Module, backbone: nn.Module, name: str, weights: str,
-                  identity: str) -> None:
-    """Remove ``backbone``'s tensors from ``checkpoint['state_dict']`` and record what rebuilds it."""
+                  identity: Callable[[], str]) -> None:
+    """Remove ``backbone``'s tensors from ``checkpoint['state_dict']`` and record what rebuilds it (``identity()``:
+    the hash of its weights, computed only when the backbone is dropped)."""
     if weights == "none":
         return  # a random initialisation is only reproducible from its tensors
     prefix = _prefix(owner, backbone)
@@ -39,19 +42,20 @@ def drop_backbone(checkpoint: dict, owner: nn.Module, backbone: nn.Module, name:
     dropped = [key for key in state if key.startswith(prefix)]
     for key in dropped:
         del state[key]
-    checkpoint[KEY] = {"backbone": name, "weights": weights, "weights_id": identity, "tensors": len(dropped)}
+    checkpoint[KEY] = {"backbone": name, "weights": weights, "weights_id": identity(), "tensors": len(dropped)}
 
 
-def refill_backbone(checkpoint: dict, owner: nn.Module, backbone: nn.Module, identity: str) -> None:
+def refill_backbone(checkpoint: dict, owner: nn.Module, backbone: nn.Module, identity: Callable[[], str]) -> None:
     """Put the rebuilt ``backbone``'s tensors back into ``checkpoint['state_dict']`` after checking that they are
-    the ones the checkpoint was written with (no-op for a checkpoint that holds its backbone)."""
+    the ones the checkpoint was written with (no-op, and no hashing, for a checkpoint that holds its backbone)."""
     recorded = checkpoint.get(KEY)
     if not recorded:
         return
-    if recorded["weights_id"] != identity:
+    built = identity()
+    if recorded["weights_id"] != built:
         raise TLError(f"this checkpoint was trained on {recorded['backbone']} with weights '{recorded['weights']}' "
                       f"(identity {recorded['weights_id']}), but the model was built with other backbone weights "
-                      f"(identity {identity}); build it with --model.backbone={recorded['backbone']} "
+                      f"(identity {built}); build it with --model.backbone={recorded['backbone']} "
                       f"--model.weights={recorded['weights']}.")
     prefix = _prefix(owner, backbone)
     checkpoint["state_dict"].update({prefix + key: tensor for key, tensor in backbone.state_dict().items()})
