@@ -6,8 +6,10 @@ and ``bench/overhead_head.py``'s :func:`bench_head_overhead` (FeatureExtraction'
 its FineTune row.
 
 * ICaRL: the second task of the offline digits config (paper preset: sigmoid BCE with distillation targets
-  from the frozen previous model), timed over that task's steps only; the plain loop forwards the same network
-  and a frozen copy of it on the same task's loader and calls the same loss, with the module's own optimizer.
+  from the frozen previous model), timed over that task's steps only; the plain loop starts where the CLI's
+  second task starts (the first task fitted through the CLI, untimed: its weights, and its exemplars replayed with
+  the new classes), forwards the same network and a frozen copy of it on the same task's loader and calls the same
+  loss, with the module's own optimizer.
 * DomainAdaptation: the BatchNorm digit CNN with per-domain statistics, DANN's reversed gradient, two optimizers
   stepped in one manual step, DANN's per-step learning-rate annealing and λ_p ramp, k = 3 labelled targets per
   class, on the offline digit pair held in memory. The plain loop calls the same module's ``trunk``,
@@ -219,7 +221,11 @@ def tl_icarl_steps_per_s(epochs_per_task: int, warmup: int) -> tuple[float, floa
 
 
 def plain_icarl_steps_per_s(epochs_per_task: int, warmup: int) -> tuple[float, float]:
-    """The second task in plain PyTorch: the same network, a frozen copy as the previous model, the same loss."""
+    """The second task in plain PyTorch: the same network, a frozen copy as the previous model, the same loss, on
+    the same training data as the CLI's second task (its new classes plus the exemplar memory of the first).
+
+    The first task is fitted through the CLI (untimed), so the loop starts from the weights, memory and served
+    data the CLI's second task starts from; without the memory the loop would train on fewer, other batches."""
     import copy
 
     from tl_lightning.cli import run_cli
@@ -227,12 +233,13 @@ def plain_icarl_steps_per_s(epochs_per_task: int, warmup: int) -> tuple[float, f
 
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cli = run_cli(icarl_args(root, epochs_per_task), run=False)
+        cli = run_cli([*icarl_args(root, epochs_per_task), f"--trainer.max_epochs={epochs_per_task}",
+                       "--trainer.enable_progress_bar=false"], run=False)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)  # the first task: the DataModule now serves the second
     model, dm = cli.model, cli.datamodule
     assert model.loss_name == "bce", "the paper preset's loss is what this loop calls"
+    assert dm.task == 1 and len(dm.memory_positions), "the first task's exemplars are replayed in the second"
     L.seed_everything(0, verbose=False)
-    dm.setup("fit")
-    dm.set_task(1)
     seen, old = dm.seen_classes(1), dm.task_classes(1).start
     layout = layout_of(model)
     previous = copy.deepcopy(model.net).eval().requires_grad_(False)
