@@ -15,7 +15,6 @@ from typing import Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from bench.perf_common import REPO, TIMER_ENV, Row, Size, StepTimer, interleaved, median, wait_for
 
@@ -31,14 +30,19 @@ def digits_data(size: Size, **kw):
     return DigitsDataModule(**args)
 
 
+FINETUNE_CONFIG = "configs/finetune/quickstart.yaml"
+
+
 def cli_args(size: Size, root: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """A normal fine-tuning run's arguments (progress bar, default logger, the CLI's callbacks)."""
+    """``configs/finetune/quickstart.yaml`` through the CLI (its progress bar, logger and callbacks), cut to the
+    bench's size: every group trains from the first step (``no_freeze``; the shipped head-only first epoch would
+    time a different step), ``size``'s backbone, input size, batch and loader workers, and a fixed step count."""
     return [
-        "--model=tl_lightning.methods.FineTune", f"--model.backbone={size.backbone}", "--model.weights=bundled",
-        "--model.unfreeze=no_freeze", "--model.lr_decay=1.0", "--model.lr=0.001",
-        "--data=tl_lightning.data.DigitsDataModule", f"--data.batch_size={size.batch_size}",
-        f"--data.image_size={size.image_size}", f"--data.num_workers={size.num_workers}", "--data.val_fraction=0.1",
-        "--data.test_fraction=0.1", f"--trainer.accelerator={size.accelerator}", "--trainer.devices=1",
+        "--config", FINETUNE_CONFIG, f"--model.init_args.backbone={size.backbone}",
+        "--model.init_args.unfreeze=no_freeze", f"--data.init_args.batch_size={size.batch_size}",
+        f"--data.init_args.image_size={size.image_size}", f"--data.init_args.num_workers={size.num_workers}",
+        "--data.init_args.val_fraction=0.1", "--data.init_args.test_fraction=0.1",
+        f"--trainer.accelerator={size.accelerator}", "--trainer.devices=1",
         f"--trainer.max_steps={size.warmup + size.steps}", "--trainer.limit_val_batches=0",
         "--trainer.num_sanity_val_steps=0", f"--trainer.default_root_dir={root}", "--seed_everything=0", *extra,
     ]
@@ -58,36 +62,41 @@ def tl_steps_per_s(size: Size, extra: tuple[str, ...] = ()) -> float:
 
 
 def plain_steps_per_s(size: Size) -> float:
-    """The same training in plain PyTorch: the timm model, a linear head, AdamW, the same DataLoader."""
-    from tl_lightning.backbones import create_backbone
+    """The same training in plain PyTorch: the CLI-built FineTune module's own forward and loss, its optimizer
+    (the config's AdamW over its layer groups) and scheduler (stepped per epoch or per step, as the module's
+    interval says), on the CLI-built DataModule's train loader, with no Trainer, logging or callbacks."""
+    from bench.overhead import layout_of
+    from tl_lightning.cli import run_cli
 
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = run_cli(cli_args(size, root), run=False)
+    model, dm = cli.model, cli.datamodule
+    layout = layout_of(model)  # FineTune's default channels_last: auto, as a fit sets it up: the same kernels
+    model.to(size.device).train()
     L.seed_everything(0, verbose=False)
-    dm = digits_data(size)
     dm.setup("fit")
-    backbone = create_backbone(size.backbone, "bundled", num_classes=0)
-    head = torch.nn.Linear(backbone.num_features, dm.num_classes)
-    model = torch.nn.Sequential(backbone, head).to(size.device).train()
-    from tl_lightning.backbones import is_convnet
-
-    nhwc = is_convnet(backbone)  # what FineTune's default channels_last: auto does: the same kernels on both sides
-    if nhwc:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    configured = model.configure_optimizers()
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    schedule = configured.get("lr_scheduler", {}) if isinstance(configured, dict) else {}
+    scheduler, per_step = schedule.get("scheduler"), schedule.get("interval") == "step"
     ends: list[float] = []
     total = size.warmup + size.steps
     while len(ends) < total:
         for x, y in dm.train_dataloader():
-            x, y = x.to(size.device, non_blocking=True), y.to(size.device, non_blocking=True)
-            if nhwc:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), y)
+            x, y = layout(x.to(size.device, non_blocking=True)), y.to(size.device, non_blocking=True)
+            loss = model.loss(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if scheduler is not None and per_step:
+                scheduler.step()
             wait_for(size.device)
             ends.append(time.perf_counter())
             if len(ends) == total:
                 break
+        if scheduler is not None and not per_step:
+            scheduler.step()
     timed = ends[size.warmup - 1:]
     return (len(timed) - 1) / (timed[-1] - timed[0])
 
@@ -103,8 +112,8 @@ def bench_overhead(size: Size) -> list[Row]:
     from bench.overhead_head import bench_head_overhead
 
     where = torch.cuda.get_device_name() if size.device == "cuda" else f"{torch.get_num_threads()} threads"
-    rows = [Row("overhead", f"FineTune step time, tl_lightning / plain PyTorch ({size.backbone}, "
-                f"{size.image_size} px, batch {size.batch_size}, {where})",
+    rows = [Row("overhead", f"FineTune step time, tl_lightning / plain PyTorch ({FINETUNE_CONFIG}, no_freeze: "
+                f"{size.backbone}, {size.image_size} px, batch {size.batch_size}, {where})",
                 tl, plain, "steps/s", ratio, "<= 1.05", f"per round: {rounds}", ratio <= 1.05)]
     if size.device == "cpu":  # the cached-feature head and the digit pair: CPU-sized work
         rows += [*bench_head_overhead(rounds=max(5, size.rounds)),
@@ -153,7 +162,7 @@ def cli_images_per_s(size: Size, devices: int) -> dict:
         out = Path(root) / "timer.json"
         args = cli_args(size, root) + ["--trainer.callbacks+=bench.perf_common.StepTimer", "--test_after_fit=false",
                                        "--trainer.enable_progress_bar=false", "--trainer.logger=false",
-                                       f"--trainer.devices={devices}", "--data.val_fraction=0.1"]
+                                       f"--trainer.devices={devices}"]
         if devices > 1:
             args.append("--trainer.strategy=ddp")
         # one thread a process (Lightning's DDP sets that too): 2 processes use 2 cores, 1 process 1 core

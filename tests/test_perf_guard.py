@@ -57,8 +57,42 @@ def test_finetune_step_one_forward_and_no_sync():
     steps = probe_fit(model, digits(augment=True))
     assert [s["forwards"] for s in steps] == [1] * STEPS
     assert [dict(s["syncs"]) for s in steps] == [{}] * STEPS
-    # only the per-step curves: each layer group's learning rate and the number of unfrozen groups
-    assert logs_after_the_first_step(steps) == [len(model.current_lrs()) + 1] * (STEPS - 1)
+    # the rates and the unfrozen group count are handed over at the epoch's first batch and when they change:
+    # constant here, so no ``self.log`` call after the first step (they were ten calls a step on Lite0)
+    assert steps[0]["logs"] >= len(model.current_lrs()) + 1
+    assert logs_after_the_first_step(steps) == [0] * (STEPS - 1)
+
+
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_finetune_logged_rates_are_the_current_ones_at_every_step(tmp_path, interval):
+    """Every logged step row holds the rate the step trained at, whether the scheduler moves it per epoch or per
+    step, though the rates are handed to ``self.log`` only when they change (and at each epoch's first batch)."""
+    import csv
+    from functools import partial
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = finetune(lr=0.1, scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+                     scheduler_interval=interval)
+    seen: list[float] = []
+
+    class Rates(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.extend(g["lr"] for g in trainer.optimizers[0].param_groups if g["name"] == "head")
+
+    probe = StepProbe()
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=STEPS, limit_val_batches=0, num_sanity_val_steps=0,
+                        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[probe, Rates()])
+    trainer.fit(model, datamodule=digits(augment=False))
+    rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("lr/head")]
+    assert [int(r["step"]) for r in rows] == list(range(2 * STEPS))
+    assert [float(r["lr/head"]) for r in rows] == pytest.approx(seen)
+    expected = [0.1 * 0.5 ** (i // STEPS if interval == "epoch" else i) for i in range(2 * STEPS)]
+    assert seen == pytest.approx(expected)  # the rate moved as the scheduler says
+    calls = [s["logs"] > len(model.current_lrs()) for s in probe.steps]  # the rates were handed over
+    assert calls == ([True] * (2 * STEPS) if interval == "step" else [True, False, False] * 2)
 
 
 @pytest.mark.parametrize("augment, forwards", [(False, 0), (True, 1)])
