@@ -222,6 +222,51 @@ def test_tta_extracts_and_caches_the_configured_number_of_views(tmp_path):
     assert seen == []
 
 
+AVERAGE_VIEWS = """
+import sys
+import torch
+sys.path.insert(0, "tests")
+from test_shallow_heads import SVM_CONFIG, build
+from tl_lightning.backbones.features import resolve_layers
+from tl_lightning.tta import view_transforms
+
+views, dim = 3, 150_000
+model, dm = build(SVM_CONFIG, f"--model.tta_views={views}", f"--model.cache_dir={sys.argv[1]}", "--data.seed=11")
+source, base = dm.served_features.source, dm.split_dataset("val", deterministic=True)
+layers = resolve_layers(source.model, model.readout)
+planted = []
+for i, view in enumerate(view_transforms(base.transform, views, flips=False)):  # large planted views, one at a time
+    planted.append(torch.full((len(base), dim), float(i + 1)))
+    source.cache.save(source.key(base.with_transform(view), layers), {"features": planted[-1],
+                                                                       "targets": torch.as_tensor(base.targets)})
+unit = planted[0].numel() * 4 / 2**20  # MB of one view's matrix
+status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 2**10
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak resident memory (VmHWM) to the current one: the planting is not counted
+before = status("VmHWM")
+feats = dm.feature_matrices("val")[model.readout]
+peak = status("VmHWM")
+assert torch.equal(feats, torch.full_like(feats, 2.0)), "the mean of the views 1, 2 and 3"
+assert all(torch.equal(p, torch.full_like(p, i + 1.0)) for i, p in enumerate(planted)), "the views are unchanged"
+print(f"ADDED {(peak - before) / unit:.2f}")
+"""
+
+
+def test_averaging_views_adds_one_matrix_not_a_stacked_copy_of_them(tmp_path):
+    """The served matrix is the mean of the views' (cached) matrices, computed as they arrive: the averaging adds
+    about one matrix to the process's peak memory, not a stacked copy of every view plus its mean (4 more for 3
+    views; with the shipped two views and ``auto``'s two read-outs, 1 GB more on CUB's full train split). Its own
+    process, whose peak resident memory (``VmHWM``, reset before the call) is this call's."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", AVERAGE_VIEWS, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    added = float(proc.stdout.split("ADDED")[1])
+    assert added < 1.5, f"averaging 3 views added {added:.2f} view-sized matrices to the peak"
+
+
 def test_view_transforms_crop_and_flip():
     assert len(view_transforms(None, 12, flips=True)) == 12
     assert len(view_transforms(None, 6, flips=False)) == 6
