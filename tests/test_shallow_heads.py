@@ -255,7 +255,7 @@ print(f"ADDED {(peak - before) / unit:.2f}")
 def test_averaging_views_adds_one_matrix_not_a_stacked_copy_of_them(tmp_path):
     """The served matrix is the mean of the views' (cached) matrices, computed as they arrive: the averaging adds
     about one matrix to the process's peak memory, not a stacked copy of every view plus its mean (4 more for 3
-    views; with the shipped two views and ``auto``'s two read-outs, 1 GB more on CUB's full train split). Its own
+    views; with the shipped two views and ``auto``'s two read-outs, 0.9 GB more on CUB's full train split). Its own
     process, whose peak resident memory (``VmHWM``, reset before the call) is this call's."""
     import subprocess
     import sys
