@@ -14,6 +14,7 @@ import io
 import json
 import os
 import warnings
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -59,10 +60,16 @@ def _unpack(blob: bytes) -> Optional[dict]:
         return None
 
 
-class FeatureCache:
-    """Tensors on disk under ``<cache_dir>/features/<key>.pt`` (plus an in-process memo by file path)."""
+class _Entry(dict):
+    """A cache entry's tensors, in a dict that can be weakly referenced (``FeatureCache._memo``)."""
 
-    _memo: dict[str, dict] = {}
+
+class FeatureCache:
+    """Tensors on disk under ``<cache_dir>/features/<key>.pt``, plus an in-process memo by file path that holds an
+    entry only while something else uses it: a run that averages views or keeps only the chosen read-out does not
+    keep every extracted matrix alive (on full CUB with ``auto`` and two views, 2.1 GB of views)."""
+
+    _memo: "weakref.WeakValueDictionary[str, _Entry]" = weakref.WeakValueDictionary()
 
     def __init__(self, cache_dir: str, enabled: bool = True):
         self.root = os.path.join(cache_dir, "features")
@@ -91,13 +98,12 @@ class FeatureCache:
             except OSError:
                 pass
             return None
-        self._memo[path] = value
-        return value
+        entry = self._memo[path] = _Entry(value)
+        return entry
 
     def save(self, key: str, value: dict) -> None:
         if not self.enabled:
             return
-        self._memo[self.path(key)] = value
         path = self.path(key)
         try:
             with atomic_open(path, "wb") as f:

@@ -79,9 +79,10 @@ class BackboneFeatures:
         """``fill()``, which reads the cache and fills what it lacks; under DDP rank 0 fills it first while the
         other ranks wait, so they only read."""
         if trainer is not None and trainer.world_size > 1 and self.cache.enabled:
-            if trainer.is_global_zero:
-                fill()
+            filled = fill() if trainer.is_global_zero else None
             trainer.strategy.barrier("backbone_features")
+            if filled is not None:
+                return filled
         return fill()
 
     def extract(self, name: str, dataset: SampleSet, make_loader, trainer=None) -> dict:
