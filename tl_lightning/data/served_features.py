@@ -81,9 +81,9 @@ class ServedFeatures:
         if memo in self._matrices:
             return self._matrices[memo]
         views = view_transforms(dataset.transform, self.tta_views, self.flips, self.tta_crop)
-        # the views are summed as they arrive, never in place on a view's own tensors (the feature cache keeps
-        # them): averaging adds one matrix per read-out, not a stacked copy of every view plus its mean. The
-        # result is bitwise the stacked mean up to 4 views, and within 1 ulp of it beyond.
+        # the views are summed as they arrive, never in place on a view's own tensors (the feature cache may
+        # share them with another user): averaging adds one matrix per read-out, not a stacked copy of every view
+        # plus its mean. The result is bitwise the stacked mean up to 4 views, and within 1 ulp of it beyond.
         out: dict = {}
         for i, transform in enumerate(views):
             view = self.source.extract_readouts(split if i == 0 else f"{split} view {i + 1}/{len(views)}",
