@@ -9,7 +9,8 @@ of the *source validation* split, and removes most of the estimator's variance w
 
     L_i = w_i ℓ_i,   η = -Cov(L, w) / Var(w),   DEV risk = mean(L) + η · mean(w) - η.
 
-Lower is better. Only source labels and unlabelled target images are read. Here the discriminator is an
+Lower is better. Its standard error (``val/dev_risk_se``) says how far apart two checkpoints' risks must be for the
+ranking to mean something. Only source labels and unlabelled target images are read. Here the discriminator is an
 L2-regularised logistic regression on standardised features (``fit_logistic``), cross-fitted over ``folds``
 folds so that no source sample is weighted by a discriminator that saw it.
 """
@@ -45,10 +46,20 @@ def density_ratios(source: torch.Tensor, target: torch.Tensor, folds: int = 2, r
     return log_odds.exp()
 
 
-def dev_risk(losses: torch.Tensor, weights: torch.Tensor) -> float:
-    """DEV's control-variate estimate of the target risk from per-sample source losses and density ratios."""
+def dev_estimate(losses: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
+    """DEV's control-variate estimate of the target risk from per-sample source losses and density ratios, and its
+    standard error: the estimate is the mean of ``z_i = w_i ℓ_i + η (w_i - 1)``, so its standard error is
+    ``std(z) / sqrt(n)`` (for the fitted ``w`` and ``η``: their own estimation adds to it). Two checkpoints whose
+    risks differ by less than about their standard errors are not told apart by DEV."""
     weighted = weights.double() * losses.double()
     w = weights.double()
     variance = ((w - w.mean()) ** 2).mean()
     eta = -((weighted - weighted.mean()) * (w - w.mean())).mean() / variance if variance > 0 else 0.0
-    return float(weighted.mean() + eta * w.mean() - eta)
+    z = weighted + eta * (w - 1)
+    standard_error = float(z.std() / len(z) ** 0.5) if len(z) > 1 else float("nan")
+    return float(z.mean()), standard_error
+
+
+def dev_risk(losses: torch.Tensor, weights: torch.Tensor) -> float:
+    """DEV's control-variate estimate of the target risk (``dev_estimate`` without its standard error)."""
+    return dev_estimate(losses, weights)[0]

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from tl_lightning.data.domains import EVAL_DOMAINS, DomainPairDataModule
 from tl_lightning.methods.base import build_metrics, task_loss
-from tl_lightning.methods.dev_risk import density_ratios, dev_risk
+from tl_lightning.methods.dev_risk import density_ratios, dev_estimate
 from tl_lightning.methods.domain_statistics import SOURCE, TARGET
 
 
@@ -85,7 +85,9 @@ class DomainEvaluation:
             if self.trainer.world_size > 1:  # every rank scores its shard; the estimate needs them all
                 parts = {name: self.all_gather(t).flatten(0, 1) for name, t in parts.items()}
             weights = density_ratios(parts["source_features"].cpu(), parts["target_features"].cpu())
-            self.log("val/dev_risk", dev_risk(parts["source_losses"].cpu(), weights))
+            risk, standard_error = dev_estimate(parts["source_losses"].cpu(), weights)
+            self.log("val/dev_risk", risk)
+            self.log("val/dev_risk_se", standard_error)
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch, dataloader_idx)
