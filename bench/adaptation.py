@@ -10,8 +10,8 @@ order and the k labelled target samples), then the CLI's test of the selected ch
 20%, and a validation split, 10%, stratified with seed 0 for every run).
 
 Model selection: semi-supervised rows (k > 0) keep the checkpoint with the best ``val/target_acc``; unsupervised
-rows (k = 0) the one with the lowest DEV risk (``val/dev_risk``: source validation labels and unlabelled target
-images only). For the unsupervised rows the bench also keeps the checkpoint an oracle would choose
+rows (k = 0) the one DEV chooses by the one-standard-error rule (``val/dev_score``: the latest epoch whose DEV risk
+is within one standard error of the lowest; source validation labels and unlabelled target images only). For the unsupervised rows the bench also keeps the checkpoint an oracle would choose
 (``val/target_acc``) and tests it, so the table shows the label-free choice beside the oracle's.
 
 Each run has its own folder under ``--workdir`` with the command it ran (``bench_command.json``) and the
@@ -196,8 +196,9 @@ def write_results(all_rows: list[Row], args, wall_s: float) -> Path:
         f"Every row runs `python -m tl_lightning fit --config {CONFIG}` with the overlay or overrides shown, "
         f"seeds {', '.join(map(str, seeds))}, through the CLI exactly as the README says; mean ± std over the "
         "seeds. MNIST-M test accuracy is that of the checkpoint the run selects: by `val/target_acc` when labelled "
-        "target samples exist (k > 0), else by the label-free DEV risk (You et al. 2019; `val/dev_risk`, source "
-        "validation labels and unlabelled target images). For the k = 0 rows, \"oracle\" is the checkpoint "
+        "target samples exist (k > 0), else by the label-free DEV risk (You et al. 2019; source validation labels "
+        "and unlabelled target images) with the one-standard-error rule (`val/dev_score`: the latest epoch whose "
+        "`val/dev_risk` is within one standard error of the lowest). For the k = 0 rows, \"oracle\" is the checkpoint "
         "chosen with the target validation labels, which real unsupervised adaptation does not have. The test "
         "split (5,000 images) and the validation split are carved out of MNIST-M's train split, the same for "
         "every run.", "",

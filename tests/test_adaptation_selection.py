@@ -141,7 +141,7 @@ def _best_checkpoint(ckpt: dict) -> dict:
 def test_unsupervised_runs_select_by_dev_and_semi_supervised_ones_by_target_accuracy(tmp_path):
     metrics, ckpt = _fit(tmp_path / "k0", "--data.init_args.labelled_per_class=0",
                          "--model.init_args.soft_label_weight=0")
-    assert _best_checkpoint(ckpt)["monitor"] == "val/dev_risk"
+    assert _best_checkpoint(ckpt)["monitor"] == "val/dev_score"
     assert metrics["metrics"]["val/dev_risk"] > 0 and "val/target_acc" in metrics["metrics"]
     assert 0 < metrics["metrics"]["val/dev_risk_se"] < metrics["metrics"]["val/dev_risk"]
     _, ckpt = _fit(tmp_path / "k3")

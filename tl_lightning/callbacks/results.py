@@ -41,7 +41,8 @@ class BestCheckpoint(ModelCheckpoint):
     row, so a resume neither repeats epochs nor loses the row of the last epoch (Lightning's own ``save_last``
     refreshes ``last.ckpt`` only together with a top-k save since 2.5, and after validation, before the row).
     An epoch the method rules out (``selectable`` false, e.g. a stage before its model trains) is never a top-k
-    candidate; its ``last.ckpt`` is written as any other.
+    candidate; its ``last.ckpt`` is written as any other. Of two epochs with the same score the earlier stays the
+    best, unless the method's ``later_ties_win`` says the later should (e.g. a one-standard-error rule).
     """
 
     def __init__(self, save_last: bool = True, **kwargs):
@@ -50,15 +51,24 @@ class BestCheckpoint(ModelCheckpoint):
         super().__init__(save_last=False, **kwargs)
         self.write_last = save_last
         self._own_monitor = kwargs.get("monitor") is None
+        self.later_ties_win = False
 
     def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
         if self._own_monitor and hasattr(pl_module, "monitor"):
             self.monitor, self.mode = pl_module.monitor
             self.kth_value, self.kth_best_model_path = (torch.tensor(-math.inf if self.mode == "max" else math.inf), "")
             self.best_model_score = None
+            self.later_ties_win = bool(getattr(pl_module, "later_ties_win", False))
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
+
+    def check_monitor_top_k(self, trainer: "L.Trainer", current: Optional[torch.Tensor] = None) -> bool:
+        if self.later_ties_win and current is not None and self.save_top_k == 1 and self.best_k_models:
+            tie = bool(torch.eq(current, self.best_k_models[self.kth_best_model_path]))
+            if trainer.strategy.reduce_boolean_decision(tie):  # every rank agrees (they log the same value)
+                return True
+        return super().check_monitor_top_k(trainer, current)
 
     @property
     def latest_is_best(self) -> bool:

@@ -36,6 +36,7 @@ from tl_lightning.errors import TLError
 from tl_lightning.losses import confusion_loss, domain_loss, grad_reverse, soft_label_loss
 from tl_lightning.methods.adaptation_schedule import AdaptationSchedule
 from tl_lightning.methods.base import TransferModule, make_head
+from tl_lightning.methods.dev_risk import OneStandardErrorRule
 from tl_lightning.methods.domain_evaluation import DomainEvaluation, domain_evaluation_metrics
 from tl_lightning.methods.domain_statistics import SOURCE, TARGET, add_target_statistics, target_statistics
 from tl_lightning.methods.source_stage import SourceStage, source_model
@@ -61,7 +62,7 @@ class DomainAdaptation(SourceStage, AdaptationSchedule, DomainEvaluation, Transf
         source_pretrain_epochs: int = 0,
         domain_hidden_dim: int = 100,
         domain_input: Literal["embedding", "conv"] = "embedding",
-        selection: Literal["auto", "dev", "target_acc"] = "auto",
+        selection: Literal["auto", "dev", "dev_min", "target_acc"] = "auto",
         domain_lr: Optional[float] = None,
         hidden_dim: int = 0,
         dropout: float = 0.0,
@@ -98,8 +99,9 @@ class DomainAdaptation(SourceStage, AdaptationSchedule, DomainEvaluation, Transf
                 only, and the label predictor keeps fc100-fc100-fc10 to itself.
             selection: the metric of the best checkpoint: ``target_acc`` (needs target validation labels),
                 ``dev`` (DEV, You et al. 2019: label-free, from source validation losses and unlabelled target
-                images; ``val/dev_risk``, lower is better) or ``auto`` (``dev`` when the target has no labelled
-                samples, k = 0, else ``target_acc``).
+                images; the latest epoch whose ``val/dev_risk`` is within one standard error of the lowest,
+                ``val/dev_score``), ``dev_min`` (the epoch of the lowest ``val/dev_risk``) or ``auto`` (``dev``
+                when the target has no labelled samples, k = 0, else ``target_acc``).
             domain_lr: learning rate of the domain classifier; default ``lr``.
             hidden_dim: 0 for a linear classifier, else the hidden width of an MLP classifier.
             dropout: dropout before the classifier's output layer.
@@ -112,7 +114,7 @@ class DomainAdaptation(SourceStage, AdaptationSchedule, DomainEvaluation, Transf
             raise TLError(f"domain_batchnorm keeps one set of BatchNorm statistics per domain, and mode {mode} "
                           "trains on one domain only, so the other's would never be estimated; set "
                           "domain_batchnorm: false for the baselines.")
-        if selection == "dev" and self.multilabel:
+        if selection.startswith("dev") and self.multilabel:
             raise TLError("selection: dev needs single-label classes; use selection: target_acc for a multi-label task.")
         if soft_label_weight > 0 and self.multilabel:
             raise TLError("soft labels need single-label classes; set soft_label_weight: 0 for a multi-label task.")
@@ -139,6 +141,7 @@ class DomainAdaptation(SourceStage, AdaptationSchedule, DomainEvaluation, Transf
         self.domain_dim = feature_dim if domain_input == "embedding" else conv_feature_dim(self.features)
         self.domain_classifier = make_head(self.domain_dim, 2, domain_hidden_dim)
         self.selection = selection
+        self.dev_rule = OneStandardErrorRule()
         self._dev_parts: dict[str, list[torch.Tensor]] = {}
         self.register_buffer("soft_labels", torch.full((self.num_classes, self.num_classes), 1.0 / self.num_classes))
         # set once the source stage (pre-training, soft labels) is done; saved in checkpoints, so resumes skip it

@@ -10,11 +10,14 @@ of the *source validation* split, and removes most of the estimator's variance w
     L_i = w_i ℓ_i,   η = -Cov(L, w) / Var(w),   DEV risk = mean(L) + η · mean(w) - η.
 
 Lower is better. Its standard error (``val/dev_risk_se``) says how far apart two checkpoints' risks must be for the
-ranking to mean something. Only source labels and unlabelled target images are read. Here the discriminator is an
+ranking to mean something, and ``OneStandardErrorRule`` chooses with it: of the checkpoints whose risk is within one
+standard error of the lowest, the latest. Only source labels and unlabelled target images are read. Here the discriminator is an
 L2-regularised logistic regression on standardised features (``fit_logistic``), cross-fitted over ``folds``
 folds so that no source sample is weighted by a discriminator that saw it.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -63,3 +66,31 @@ def dev_estimate(losses: torch.Tensor, weights: torch.Tensor) -> tuple[float, fl
 def dev_risk(losses: torch.Tensor, weights: torch.Tensor) -> float:
     """DEV's control-variate estimate of the target risk (``dev_estimate`` without its standard error)."""
     return dev_estimate(losses, weights)[0]
+
+
+class OneStandardErrorRule:
+    """The one-standard-error rule (Breiman et al. 1984; Hastie, Tibshirani & Friedman, *The Elements of
+    Statistical Learning*, 7.10) over the epochs of one fit: the chosen checkpoint is the **latest** epoch whose
+    DEV risk is within one standard error (the lowest risk's own) of the lowest risk so far. DEV's epoch-to-epoch
+    differences are often inside its noise; among checkpoints it cannot tell apart, the latest has trained
+    longest with the adaptation loss at full strength.
+
+    ``score`` turns that into one number per epoch that a checkpoint callback can rank (lower is better, ties go
+    to the later epoch): the lowest risk so far for an epoch within one standard error of it, else the epoch's own
+    risk, which is above the lowest by more than a standard error. The running minimum is the whole state
+    (``state_dict``), so a resumed fit goes on choosing as the uninterrupted one would.
+    """
+
+    def __init__(self):
+        self.lowest, self.lowest_se = math.inf, 0.0
+
+    def score(self, risk: float, standard_error: float) -> float:
+        if risk < self.lowest:
+            self.lowest, self.lowest_se = risk, standard_error
+        return self.lowest if risk <= self.lowest + self.lowest_se else risk
+
+    def state_dict(self) -> dict:
+        return {"lowest": self.lowest, "lowest_se": self.lowest_se}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lowest, self.lowest_se = float(state["lowest"]), float(state["lowest_se"])

@@ -1,10 +1,11 @@
 """Evaluation of ``DomainAdaptation``: each domain on its own loader, the domain classifier's balanced accuracy,
 and the checkpoint criterion: ``val/target_acc``, or without target labels DEV (Deep Embedded Validation, You et
-al., ICML 2019), the source validation loss weighted by a domain discriminator's density ratios.
+al., ICML 2019), the source validation loss weighted by a domain discriminator's density ratios, chosen by the
+one-standard-error rule (``val/dev_score``) or at its lowest (``val/dev_risk``).
 
 ``DomainEvaluation`` is a mixin of the LightningModule: it reads the module's ``trunk``, ``classifier``,
 ``domain_classifier``, ``selection`` and ``multilabel``, and owns the metrics ``domain_evaluation_metrics``
-builds.
+builds and the ``dev_rule`` state (saved in checkpoints).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from tl_lightning.data.domains import EVAL_DOMAINS, DomainPairDataModule
 from tl_lightning.methods.base import build_metrics, task_loss
-from tl_lightning.methods.dev_risk import density_ratios, dev_estimate
+from tl_lightning.methods.dev_risk import OneStandardErrorRule, density_ratios, dev_estimate
 from tl_lightning.methods.domain_statistics import SOURCE, TARGET
 
 
@@ -31,19 +32,27 @@ def domain_evaluation_metrics(num_classes: int, multilabel: bool) -> tuple[nn.Mo
 class DomainEvaluation:
     """Validation and test of both domains, and the best checkpoint's metric (``monitor``)."""
 
+    dev_rule: OneStandardErrorRule
+
     @property
     def selects_by_dev(self) -> bool:
-        """Whether the best checkpoint follows ``val/dev_risk`` (``selection``; ``auto``: when k = 0)."""
+        """Whether the best checkpoint follows DEV (``selection`` ``dev`` or ``dev_min``; ``auto``: when k = 0)."""
         if self.selection != "auto":
-            return self.selection == "dev"
+            return self.selection.startswith("dev")
         dm = self.trainer.datamodule if self._trainer is not None else None
         return not self.multilabel and isinstance(dm, DomainPairDataModule) and dm.labelled_per_class == 0
 
     @property
     def monitor(self) -> tuple[str, str]:
         if self.selects_by_dev:
-            return "val/dev_risk", "min"
+            return ("val/dev_risk", "min") if self.selection == "dev_min" else ("val/dev_score", "min")
         return ("val/target_mAP", "max") if self.multilabel else ("val/target_acc", "max")
+
+    @property
+    def later_ties_win(self) -> bool:
+        """Of two epochs with the same ``monitor`` value the later is the best checkpoint (``BestCheckpoint``):
+        the one-standard-error rule gives every epoch it accepts the same score, the lowest risk so far."""
+        return self.selects_by_dev and self.selection != "dev_min"
 
     def _eval_step(self, stage: str, batch, dataloader_idx: int) -> None:
         domain = EVAL_DOMAINS[dataloader_idx]
@@ -88,6 +97,17 @@ class DomainEvaluation:
             risk, standard_error = dev_estimate(parts["source_losses"].cpu(), weights)
             self.log("val/dev_risk", risk)
             self.log("val/dev_risk_se", standard_error)
+            if not self.trainer.sanity_checking and self.selectable:  # a source-stage epoch is never chosen
+                self.log("val/dev_score", self.dev_rule.score(risk, standard_error))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dev_rule"] = self.dev_rule.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "dev_rule" in checkpoint:  # a checkpoint written before the rule existed starts it afresh
+            self.dev_rule.load_state_dict(checkpoint["dev_rule"])
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch, dataloader_idx)

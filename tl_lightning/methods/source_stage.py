@@ -173,9 +173,11 @@ class SourceStage:
             self.teacher.to(memory_format=torch.channels_last)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["source_pretrain_loss"] = list(self.pretrain_history)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.pretrain_history = list(checkpoint.get("source_pretrain_loss", []))
 
     def _end_source_epoch(self) -> None:
