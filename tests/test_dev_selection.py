@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fault_helpers import cli
-from helpers import FAST, run_cli
+from helpers import FAST
 from tl_lightning.callbacks.results import BestCheckpoint
 from tl_lightning.methods.dev_risk import OneStandardErrorRule
 
@@ -86,7 +86,9 @@ ARGS = ("--model.init_args.source_pretrain_epochs=0", "--data.init_args.epoch=2"
 
 
 def _fit(run_dir, *overrides):
-    run_cli("fit", "--config", CONFIG, *FAST, *ARGS, f"--trainer.default_root_dir={run_dir}", *overrides)
+    """One fit in its own launched process (as the stopped run): every run of a comparison computes alike."""
+    done = cli("fit", "--config", CONFIG, *FAST, *ARGS, f"--trainer.default_root_dir={run_dir}", *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -110,7 +112,7 @@ def test_an_unsupervised_fit_chooses_by_the_rule_and_a_resumed_fit_chooses_the_s
     run = tmp_path / "resumed"
     stopped = cli("fit", "--config", CONFIG, *FAST, *ARGS, f"--trainer.default_root_dir={run}",
                   "--trainer.max_epochs=5", "--trainer.callbacks+=tests.helpers.signal_at.SignalAt",
-                  "--trainer.callbacks.epoch=3", "--trainer.callbacks.batch=1")
+                  "--trainer.callbacks.epoch=3", "--trainer.callbacks.batch=1")  # SIGTERM: exit 143
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["dev_rule"]["lowest"] == pytest.approx(
         min(risks[:3]), rel=1e-6)
