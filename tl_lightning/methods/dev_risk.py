@@ -11,9 +11,9 @@ of the *source validation* split, and removes most of the estimator's variance w
 
 Lower is better. Its standard error (``val/dev_risk_se``) says how far apart two checkpoints' risks must be for the
 ranking to mean something, and ``OneStandardErrorRule`` chooses with it: of the checkpoints whose risk is within one
-standard error of the lowest, the latest. Only source labels and unlabelled target images are read. Here the discriminator is an
-L2-regularised logistic regression on standardised features (``fit_logistic``), cross-fitted over ``folds``
-folds so that no source sample is weighted by a discriminator that saw it.
+standard error of the lowest, the latest. Only source labels and unlabelled target images are read. Here the
+discriminator is an L2-regularised logistic regression on standardised features (``fit_logistic``), cross-fitted
+over ``folds`` folds so that no source sample is weighted by a discriminator that saw it.
 """
 from __future__ import annotations
 

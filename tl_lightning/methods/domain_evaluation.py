@@ -52,7 +52,7 @@ class DomainEvaluation:
     def later_ties_win(self) -> bool:
         """Of two epochs with the same ``monitor`` value the later is the best checkpoint (``BestCheckpoint``):
         the one-standard-error rule gives every epoch it accepts the same score, the lowest risk so far."""
-        return self.selects_by_dev and self.selection != "dev_min"
+        return self.monitor[0] == "val/dev_score"
 
     def _eval_step(self, stage: str, batch, dataloader_idx: int) -> None:
         domain = EVAL_DOMAINS[dataloader_idx]
